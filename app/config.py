@@ -1,0 +1,91 @@
+"""Every setting of the service: its environment variable, its default and why.
+
+Settings are read once, when the app is created in the worker process, and validated then, so a
+typo fails the start-up with a message instead of the first request. gunicorn's own settings
+(HOST, PORT, threads, timeouts) live in `scripts/gunicorn.conf.py`.
+"""
+
+import dataclasses
+import os
+import typing as tp
+
+NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot work with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # MUSICGEN_MODEL: a Hugging Face id (facebook/musicgen-small, facebook/musicgen-stereo-medium, ...),
+    # a local directory holding state_dict.bin + compression_state_dict.bin, or `debug` (tiny random weights).
+    model: str = "facebook/musicgen-small"
+    # MUSICGEN_DEVICE: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
+    device: str = "auto"
+    # MUSICGEN_MBD_MODEL: where MultiBand Diffusion comes from: a Hugging Face id, a directory holding
+    # mbd_musicgen_32khz.th, the file itself, or `debug`. Empty: `debug` for the debug model, else the
+    # official facebook/multiband-diffusion.
+    mbd_model: str = ""
+    # MUSICGEN_MBD_PRELOAD: load MBD at start-up (1) instead of on the first `mbd: true` request (0).
+    mbd_preload: bool = False
+    # MUSICGEN_KEEPALIVE_SECONDS: an SSE comment is written after this long without any other message.
+    # A vanished client is noticed at the second write after it left, so detection takes at most 2x this.
+    keepalive_seconds: float = 0.5
+    # MUSICGEN_MAX_BODY_BYTES: larger request bodies get 413 (keep nginx's client_max_body_size equal).
+    max_body_bytes: int = 64 * 1024
+    # MUSICGEN_NORMALIZE: loudness (audiocraft's demo: -16 dB LUFS target with soft clipping),
+    # peak, rms, or clip (the model's raw output, hard-limited to [-1, 1]).
+    normalize: str = "loudness"
+    # MUSICGEN_RETRY_AFTER_SECONDS: the Retry-After header of a busy 503.
+    retry_after_seconds: int = 5
+    # MUSICGEN_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ConfigError("MUSICGEN_MODEL is empty")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"MUSICGEN_DEVICE={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if not 0.05 <= self.keepalive_seconds <= 60:
+            raise ConfigError("MUSICGEN_KEEPALIVE_SECONDS must be between 0.05 and 60")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("MUSICGEN_MAX_BODY_BYTES must be at least 1024")
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"MUSICGEN_NORMALIZE={self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def mbd_source(self) -> str:
+        """Where MBD weights come from, with the empty default resolved."""
+        if self.mbd_model:
+            return self.mbd_model
+        return "debug" if self.model == "debug" else "facebook/multiband-diffusion"
+
+    @classmethod
+    def from_env(cls, environ: tp.Mapping[str, str] = os.environ) -> "Settings":
+        """Read every MUSICGEN_* variable; unset ones keep their defaults."""
+        values: tp.Dict[str, tp.Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(f"MUSICGEN_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _convert(field.name, field.type, raw)
+        return cls(**values)
+
+
+def _convert(name: str, kind: tp.Any, raw: str) -> tp.Any:
+    variable = f"MUSICGEN_{name.upper()}"
+    try:
+        if kind in (bool, "bool"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{variable}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    return raw

@@ -1,0 +1,203 @@
+"""The generation slot: one lock, one long-lived worker thread, one event queue per job.
+
+The request thread takes the lock without blocking (busy -> 503) and hands a `Job` to the worker;
+the worker runs it and fills the job's queue with `start`, `progress` and exactly one terminal event;
+the response streams that queue. Every job runs on the same thread: PyTorch's CPU thread pools
+belong to the thread that first used them, and a fresh thread per job ran 2.5-3x slower.
+"""
+
+import base64
+import dataclasses
+import logging
+import queue
+import secrets
+import threading
+import time
+import typing as tp
+
+import torch
+
+from .audio import to_wav
+from .errors import Busy, Cancelled, ModelUnavailable
+from .model import ModelLoadError
+from .validation import MAX_SEED, GenerateParams
+
+log = logging.getLogger(__name__)
+
+# The share of the progress bar each stage fills. The LM dominates; EnCodec decoding is one fast
+# call; diffusion makes 20 U-Net passes per band over the whole clip.
+SHARES = {"lm": 0.97, "decode": 0.03}
+SHARES_MBD = {"lm": 0.70, "decode": 0.02, "diffusion": 0.28}
+MIN_PROGRESS_INTERVAL = 0.05  # seconds: at most ~20 progress events a second
+
+
+class Model(tp.Protocol):
+    """What the worker needs of a model (`app.model.MusicModel`; tests also use a fake)."""
+
+    name: str
+    device: str
+    sample_rate: int
+    channels: int
+
+    def ensure_mbd(self) -> tp.Any: ...
+    def lm_steps(self, duration: float) -> int: ...
+    def diffusion_steps(self) -> int: ...
+    def generate(self, params: GenerateParams, seed: int, on_step: tp.Callable[[str], None]) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    params: GenerateParams
+    seed: int
+    events: "queue.Queue[tp.Dict[str, tp.Any]]" = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Called when the response is closed: the client went away, or the stream ended anyway."""
+        self.cancelled.set()
+
+
+class Progress:
+    """Progress over the whole job, 0-100 and never backwards, thinned out to what a client needs."""
+
+    def __init__(self, totals: tp.Mapping[str, int], shares: tp.Mapping[str, float],
+                 clock: tp.Callable[[], float] = time.monotonic):
+        self.totals = {stage: max(1, totals[stage]) for stage in shares}
+        self.shares = shares
+        self.done = dict.fromkeys(shares, 0)
+        self.clock = clock
+        self.sent = 0.0
+        self.sent_at = -1.0
+
+    def step(self, stage: str) -> tp.Optional[float]:
+        """Count one step of `stage`; return the percentage to report, or None to stay quiet."""
+        self.done[stage] = min(self.done[stage] + 1, self.totals[stage])
+        percent = round(100 * sum(self.shares[s] * self.done[s] / self.totals[s] for s in self.shares), 2)
+        now = self.clock()
+        finished = percent >= 100
+        # One event per whole percent, but not more than ~20 a second (the end always goes out).
+        if percent > self.sent and (int(percent) > int(self.sent) or finished) and (
+                finished or now - self.sent_at >= MIN_PROGRESS_INTERVAL):
+            self.sent, self.sent_at = min(percent, 100.0), now
+            return self.sent
+        return None
+
+
+class GenerationService:
+    """One generation at a time, on one long-lived thread that also loads the model."""
+
+    def __init__(self, load_model: tp.Callable[[], Model], normalize: str = "loudness",
+                 retry_after_seconds: int = 5):
+        self._load_model = load_model
+        self._normalize = normalize
+        self._retry_after = str(retry_after_seconds)
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue[tp.Optional[Job]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self.model: tp.Optional[Model] = None
+        self.load_error: tp.Optional[str] = None
+        self.started_at = time.time()
+
+    def start(self) -> "GenerationService":
+        self._thread.start()
+        return self
+
+    @property
+    def state(self) -> str:
+        """loading, ready, busy or failed."""
+        if self.load_error is not None:
+            return "failed"
+        if self._lock.locked():
+            return "busy"
+        return "ready" if self.model is not None else "loading"
+
+    def submit(self, params: GenerateParams) -> Job:
+        """Take the slot and queue the job, or raise at once: nothing waits for the lock."""
+        if self.load_error is not None:
+            raise ModelUnavailable(f"the model failed to load: {self.load_error}")
+        if not self._lock.acquire(blocking=False):
+            raise Busy("another generation is running; try again later", {"Retry-After": self._retry_after})
+        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        job = Job(params, seed)
+        self._jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        """Let the worker finish its current job and end (tests; the process exit ends it anyway)."""
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            self.model = self._load_model()
+        except Exception as e:
+            log.error("%s", e)
+            log.debug("model load failure", exc_info=True)
+            self.load_error = str(e)
+        while (job := self._jobs.get()) is not None:
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._lock.release()
+
+        terminal: tp.Dict[str, tp.Any] = {"event": "error", "message": "generation failed"}
+        try:
+            wav = self._generate(job)
+            # The GPU is done: free the slot before the terminal event, so a client that asks again
+            # the instant it reads `completed` is never refused.
+            release()
+            audio = to_wav(wav, self.model.sample_rate, self._normalize)
+            terminal = {"event": "completed", **self._describe(job), "audio": base64.b64encode(audio).decode()}
+        except Cancelled as e:
+            log.info("generation cancelled: %s", e)
+            terminal = {"event": "error", "message": f"generation cancelled: {e}"}
+        except (ModelUnavailable, ModelLoadError) as e:  # no model, or MBD could not be loaded
+            terminal = {"event": "error", "message": str(e)}
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory", exc_info=True)
+            terminal = {"event": "error", "message": "out of GPU memory; try a shorter duration"}
+        except Exception as e:
+            log.exception("generation failed")
+            terminal = {"event": "error", "message": f"generation failed: {type(e).__name__}"}
+        finally:
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            release()
+            job.events.put(terminal)
+
+    def _generate(self, job: Job) -> torch.Tensor:
+        if self.model is None:
+            raise ModelUnavailable(f"the model failed to load: {self.load_error}")
+        if job.cancelled.is_set():
+            raise Cancelled("the client went away before it started")
+        model, params = self.model, job.params
+        job.events.put({"event": "start", "model": model.name, **self._describe(job), "mbd": params.mbd})
+        totals = {"lm": model.lm_steps(params.duration), "decode": 1}
+        if params.mbd:
+            model.ensure_mbd()  # loads on first use: a silent phase, covered by keep-alives
+            totals["diffusion"] = model.diffusion_steps()
+        progress = Progress(totals, SHARES_MBD if params.mbd else SHARES)
+
+        def on_step(stage: str) -> None:
+            if job.cancelled.is_set():
+                raise Cancelled("the client went away")
+            percent = progress.step(stage)
+            if percent is not None:
+                job.events.put({"event": "progress", "progress": percent})
+
+        started = time.monotonic()
+        wav = model.generate(params, job.seed, on_step)
+        log.info("generated %d s (mbd=%s, seed=%d) in %.1f s", params.duration, params.mbd, job.seed,
+                 time.monotonic() - started)
+        return wav
+
+    def _describe(self, job: Job) -> tp.Dict[str, tp.Any]:
+        assert self.model is not None
+        return {"sample_rate": self.model.sample_rate, "channels": self.model.channels,
+                "duration": job.params.duration, "seed": job.seed}

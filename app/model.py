@@ -1,0 +1,189 @@
+"""Loading MusicGen and MultiBand Diffusion, and running one generation on them.
+
+Weights come from the Hugging Face cache (downloaded on first use where there is internet), from a
+local directory, or are the tiny `debug` models. Everything here runs on the generation thread.
+"""
+
+import contextlib
+import logging
+import os
+import tempfile
+import typing as tp
+
+import omegaconf
+import torch
+from audiocraft.models import MusicGen
+from audiocraft.models.encodec import InterleaveStereoCompressionModel
+from audiocraft.models.loaders import load_diffusion_models
+from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
+from audiocraft.modules.diffusion_schedule import NoiseSchedule
+
+from . import debug_models
+from .validation import GenerateParams
+
+log = logging.getLogger(__name__)
+
+# torch >= 2.6 loads checkpoints with weights_only=True and audiocraft 1.3.0 does not say otherwise.
+# The MBD checkpoint pickles one omegaconf training config per band: allow exactly the types such a
+# config is made of, for the duration of that load only, instead of unpickling arbitrary objects.
+OMEGACONF_GLOBALS: tp.List[tp.Any] = [
+    omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.base.ContainerMetadata, omegaconf.base.Metadata,
+    omegaconf.nodes.AnyNode, omegaconf.nodes.StringNode, omegaconf.nodes.IntegerNode, omegaconf.nodes.FloatNode,
+    omegaconf.nodes.BooleanNode, omegaconf.nodes.EnumNode, omegaconf.nodes.PathNode, omegaconf.nodes.BytesNode,
+    tp.Any, dict, list, int, float, bool, str, __import__("collections").defaultdict,
+]
+
+# audiocraft's NoiseSchedule.generate_subsampled walks 20 denoising steps per band by default.
+DIFFUSION_STEPS_PER_BAND = 20
+
+Step = tp.Callable[[str], None]
+
+
+class ModelLoadError(RuntimeError):
+    """The weights could not be loaded; the message says what to set."""
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"MUSICGEN_DEVICE={setting} but CUDA is not available (use auto or cpu)")
+    return setting
+
+
+def load_musicgen(name: str, device: str) -> MusicGen:
+    """MusicGen from a Hugging Face id, a local checkpoint directory, or `debug`/`debug-stereo`."""
+    if name in ("debug", "debug-stereo"):
+        return debug_models.build_musicgen(stereo=name == "debug-stereo", device=device)
+    try:
+        return MusicGen.get_pretrained(name, device=device)
+    except Exception as e:
+        where = "directory" if os.path.isdir(name) else "Hugging Face id"
+        raise ModelLoadError(
+            f"could not load MUSICGEN_MODEL={name!r} ({where}): {type(e).__name__}: {e}. "
+            "Set MUSICGEN_MODEL to a directory holding state_dict.bin and compression_state_dict.bin, "
+            "or fetch the weights into the Hugging Face cache (HF_HOME) on a machine with internet "
+            "and run with HF_HUB_OFFLINE=1, or use MUSICGEN_MODEL=debug to try the service.") from e
+
+
+def load_mbd(source: str, codec: torch.nn.Module, device: str) -> MultiBandDiffusion:
+    """MultiBand Diffusion for 32 kHz MusicGen tokens, decoding through `codec` (mono EnCodec).
+
+    `source` is a Hugging Face id, a directory holding mbd_musicgen_32khz.th, that file, or `debug`;
+    all of them go through audiocraft's loader under torch's default `weights_only=True`.
+    """
+    with contextlib.ExitStack() as stack:
+        if source == "debug":
+            source = stack.enter_context(tempfile.TemporaryDirectory(prefix="musicgen-mbd-"))
+            torch.save(debug_models.mbd_package(), os.path.join(source, debug_models.MBD_FILE))
+        try:
+            with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
+                models, processors, cfgs = load_diffusion_models(source, device=device,
+                                                                 filename=debug_models.MBD_FILE)
+        except Exception as e:
+            raise ModelLoadError(
+                f"could not load MultiBand Diffusion from MUSICGEN_MBD_MODEL={source!r}: {type(e).__name__}: {e}. "
+                "Fetch facebook/multiband-diffusion into the Hugging Face cache or point MUSICGEN_MBD_MODEL "
+                f"at a directory holding {debug_models.MBD_FILE}.") from e
+    processes = [
+        DiffusionProcess(model=model.eval(), noise_schedule=NoiseSchedule(**cfg.schedule, sample_processor=processor,
+                                                                          device=device))
+        for model, processor, cfg in zip(models, processors, cfgs, strict=True)]
+    return MultiBandDiffusion(DPs=processes, codec_model=codec)
+
+
+class MusicModel:
+    """A loaded MusicGen (and, once needed, MBD), and the one way the service runs them."""
+
+    def __init__(self, musicgen: MusicGen, mbd_source: str):
+        self.musicgen = musicgen
+        self.mbd_source = mbd_source
+        self.mbd: tp.Optional[MultiBandDiffusion] = None
+        self.name: str = musicgen.name
+        self.device: str = str(musicgen.device)
+        self.sample_rate: int = musicgen.sample_rate
+        self.channels: int = musicgen.audio_channels
+
+    @classmethod
+    def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False) -> "MusicModel":
+        device = resolve_device(device)
+        log.info("loading MusicGen %s on %s", name, device)
+        model = cls(load_musicgen(name, device), mbd_source)
+        if preload_mbd:
+            model.ensure_mbd()
+        log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
+        return model
+
+    @property
+    def stereo(self) -> bool:
+        return isinstance(self.musicgen.compression_model, InterleaveStereoCompressionModel)
+
+    def ensure_mbd(self) -> MultiBandDiffusion:
+        if self.mbd is None:
+            codec = self.musicgen.compression_model
+            if isinstance(codec, InterleaveStereoCompressionModel):
+                codec = codec.model  # MBD works on one EnCodec stream; stereo decodes left and right apart
+            log.info("loading MultiBand Diffusion from %s", self.mbd_source)
+            self.mbd = load_mbd(self.mbd_source, codec, self.device)
+        return self.mbd
+
+    def lm_steps(self, duration: float) -> int:
+        """How many times the LM's progress callback will fire for `duration` seconds of audio.
+
+        Mirrors audiocraft's windowing past `max_duration` (each window re-reads the last
+        `max_duration - extend_stride` seconds as its prompt) and its codebook-pattern delays.
+        """
+        mg = self.musicgen
+        total, stride = int(duration * mg.frame_rate), int(mg.extend_stride * mg.frame_rate)
+        windows: tp.List[tp.Tuple[int, int]] = []  # (prompt length, generated length), in frames
+        offset, prompt = 0, 0
+        while offset + prompt < total:
+            length = int(min(duration - offset / mg.frame_rate, mg.max_duration) * mg.frame_rate)
+            windows.append((prompt, length))
+            if duration <= mg.max_duration:
+                break
+            prompt, offset = length - stride, offset + stride
+        steps = 0
+        for prompt, length in windows:
+            pattern = mg.lm.pattern_provider.get_pattern(length)
+            steps += len(pattern.layout) - pattern.get_first_step_with_timesteps(prompt)
+        return steps
+
+    def diffusion_steps(self) -> int:
+        bands = len(self.mbd.DPs) if self.mbd is not None else debug_models.MBD_BANDS
+        return bands * DIFFUSION_STEPS_PER_BAND
+
+    def generate(self, params: GenerateParams, seed: int, on_step: Step) -> torch.Tensor:
+        """Generate one clip and return it as a `[channels, samples]` float tensor on the CPU.
+
+        `on_step(stage)` runs after every LM step ("lm"), after EnCodec decoding ("decode") and after
+        every diffusion step ("diffusion"); raising from it aborts the generation there.
+        """
+        mg = self.musicgen
+        mg.set_generation_params(use_sampling=params.temperature > 0, top_k=params.top_k, top_p=params.top_p,
+                                 temperature=params.temperature, duration=params.duration,
+                                 cfg_coef=params.cfg_coef)
+        mg.set_custom_progress_callback(lambda done, total: on_step("lm"))
+        torch.manual_seed(seed)  # seeds CUDA too; MBD's noise is drawn from the same generators
+        with torch.inference_mode():
+            wav, tokens = mg.generate([params.description], progress=True, return_tokens=True)
+            on_step("decode")
+            if params.mbd:
+                wav = self._decode_mbd(tokens, on_step)
+        return wav[0].float().cpu()
+
+    def _decode_mbd(self, tokens: torch.Tensor, on_step: Step) -> torch.Tensor:
+        mbd = self.ensure_mbd()
+        if self.stereo:
+            left, right = self.musicgen.compression_model.get_left_right_codes(tokens)
+            tokens = torch.cat([left, right])
+        # The denoising loop has no callback: a hook on each band's U-Net sees every step.
+        hooks = [process.model.register_forward_hook(lambda *_: on_step("diffusion")) for process in mbd.DPs]
+        try:
+            wav = mbd.tokens_to_wav(tokens)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if self.stereo:  # [left; right] x mono -> one clip with two channels
+            wav = torch.cat([wav[:1], wav[1:]], dim=1)
+        return wav

@@ -1,0 +1,88 @@
+"""The request schema of `POST /api/v1/generate_music` and its parser (pure: no Flask, no torch).
+
+The same pydantic model also yields the OpenAPI schema, so the document and the validator cannot drift.
+"""
+
+import json
+import typing as tp
+
+import pydantic
+from pydantic import Field, StringConstraints
+
+from .errors import InvalidRequest
+
+MAX_DESCRIPTION_CHARS = 2000
+MAX_DURATION_SECONDS = 60
+MAX_SEED = 2**32 - 1
+
+Description = tp.Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
+
+
+class GenerateParams(pydantic.BaseModel):
+    """One generation request. Strict: `"15"`, `15.5` and `true` are not integers here."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    description: Description = Field(description="What the music should sound like.")
+    duration: int = Field(30, ge=1, le=MAX_DURATION_SECONDS, description="Length of the clip in seconds.")
+    mbd: bool = Field(False, description="Decode with MultiBand Diffusion instead of the EnCodec decoder.")
+    top_k: int = Field(250, ge=0, le=2048, description="Sample from the k likeliest tokens (0 disables).")
+    top_p: float = Field(0.0, ge=0.0, le=1.0, description="Nucleus sampling; when > 0 it overrides top_k.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Softmax temperature; 0 is greedy decoding.")
+    cfg_coef: float = Field(3.0, ge=0.0, le=30.0, description="Classifier-free guidance coefficient.")
+    seed: tp.Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Same seed, same audio. Random if absent.")
+
+
+def parse_request(body: bytes) -> GenerateParams:
+    """Parse a raw request body, raising `InvalidRequest` with a message that names the field and rule."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurdly deep nesting
+        raise InvalidRequest(f"request body is not valid JSON: {_short(e)}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        return GenerateParams.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise InvalidRequest(describe(e.errors()[0])) from None
+
+
+def describe(error: tp.Mapping[str, tp.Any]) -> str:
+    """One pydantic error as `field: rule`."""
+    field = ".".join(str(part) for part in error["loc"]) or "body"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field (accepted: {', '.join(GenerateParams.model_fields)})"
+    if kind == "missing":
+        return f"{field}: required"
+    if kind == "string_too_short":
+        return f"{field}: must not be empty"
+    if kind == "string_too_long":
+        return f"{field}: at most {MAX_DESCRIPTION_CHARS} characters"
+    if kind in ("int_type", "int_from_float"):
+        return f"{field}: must be an integer"
+    if kind in ("float_type", "finite_number"):
+        return f"{field}: must be a finite number"
+    if kind == "bool_type":
+        return f"{field}: must be true or false"
+    if kind == "string_type":
+        return f"{field}: must be a string"
+    bounds = error.get("ctx") or {}
+    if "ge" in bounds or "le" in bounds:
+        low, high = _range(field)
+        return f"{field}: must be between {low} and {high}"
+    return f"{field}: {error['msg']}"
+
+
+def _range(field: str) -> tp.Tuple[tp.Any, tp.Any]:
+    low = high = None
+    for rule in GenerateParams.model_fields[field].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    return low, high
+
+
+def _short(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= 200 else text[:200] + "..."

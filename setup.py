@@ -1,0 +1,13 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="musicgen-service",
+    version="0.1.0",
+    description="Text-to-music HTTP API on MusicGen (audiocraft), streaming progress over Server-Sent Events",
+    packages=find_packages(include=["app", "app.*"]),
+    package_data={"app": ["static/*"]},
+    py_modules=["wsgi"],
+    python_requires=">=3.11",
+    # The exact, complete set is pinned in requirements.txt (installed with --no-deps).
+    install_requires=["audiocraft==1.3.0", "flask>=3", "gunicorn>=23", "pydantic>=2.6", "soundfile", "torch>=2.6"],
+)
