@@ -24,3 +24,18 @@ ensure_venv() {  # ensure_venv LOCKFILE...
   "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
   echo "$want" > "$stamp"
 }
+
+ensure_debian_packages() {  # ensure_debian_packages PACKAGE...: install the missing ones (needs root + apt)
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "warning: missing Debian packages ${missing[*]}; the tests that need them will be skipped" >&2
+    return 0
+  fi
+  echo "installing Debian packages: ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
