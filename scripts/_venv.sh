@@ -1,28 +1,29 @@
 # Sourced by scripts/serve and scripts/test: create or update .venv from the pinned locks.
-# Idempotent and fast when nothing changed: a stamp holds the hash of the lock files it was built from.
+# Idempotent and fast when nothing changed: a stamp per lock file holds the hash it was installed from.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MUSICGEN_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3.11}"
 
-ensure_venv() {  # ensure_venv LOCKFILE...
-  local stamp="$VENV/.musicgen-stamp" want
-  want="$(cd "$ROOT" && cat "$@" setup.py | sha256sum | cut -d' ' -f1)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    return 0
-  fi
+ensure_venv() {  # ensure_venv LOCKFILE...: install each lock (and the project) whose content changed
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV with $PYTHON" >&2
     "$PYTHON" -m venv "$VENV"
   fi
-  echo "installing $* into $VENV (several GB on a fresh machine)" >&2
-  local lock
-  for lock in "$@"; do
-    # --no-deps: the locks are complete, and audiocraft 1.3.0's stale pins would stop pip's resolver.
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/$lock"
+  local file stamp want
+  for file in "$@" setup.py; do
+    stamp="$VENV/.stamp-${file//\//_}"
+    want="$(sha256sum < "$ROOT/$file")"
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && continue
+    echo "installing $file into $VENV (several GB on a fresh machine)" >&2
+    if [ "$file" = setup.py ]; then
+      "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
+    else
+      # --no-deps: the locks are complete, and audiocraft 1.3.0's stale pins would stop pip's resolver.
+      "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/$file"
+    fi
+    echo "$want" > "$stamp"
   done
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
-  echo "$want" > "$stamp"
 }
 
 ensure_debian_packages() {  # ensure_debian_packages PACKAGE...: install the missing ones (needs root + apt)
