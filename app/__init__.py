@@ -30,7 +30,9 @@ def create_app(settings: tp.Optional[Settings] = None,
     if load_model is None:
         from .model import MusicModel
         load_model = functools.partial(MusicModel.load, settings.model, settings.device, settings.mbd_source,
-                                       settings.mbd_preload)
+                                       settings.mbd_preload, precision=settings.precision,
+                                       cross_kv_cache=settings.cross_kv_cache,
+                                       static_kv_cache=settings.static_kv_cache)
     service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds)
     app.extensions["musicgen"] = service.start()
 

@@ -10,6 +10,7 @@ import os
 import typing as tp
 
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
+PRECISIONS = ("auto", "fp32", "bf16", "int8-dynamic")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,15 @@ class Settings:
     retry_after_seconds: int = 5
     # MUSICGEN_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (bf16 where the CPU has native bf16, else fp32),
+    # fp32 (stock), bf16 (bf16 weights under CPU autocast) or int8-dynamic. CUDA keeps audiocraft's fp16.
+    precision: str = "auto"
+    # MUSICGEN_CROSS_KV_CACHE: project the text conditioning to cross-attention keys/values once per
+    # generation instead of at every step of every layer (same tokens as stock; 0 restores stock).
+    cross_kv_cache: bool = True
+    # MUSICGEN_STATIC_KV_CACHE: write self-attention keys/values into a buffer sized for the whole
+    # generation instead of growing them with torch.cat every step (same tokens as stock).
+    static_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -53,6 +63,8 @@ class Settings:
             raise ConfigError("MUSICGEN_MAX_BODY_BYTES must be at least 1024")
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"MUSICGEN_NORMALIZE={self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
 

@@ -24,9 +24,15 @@ SAMPLE_RATE = 32000
 SEGMENT_SECONDS = 30
 CODEC_DIM = 32
 MBD_BANDS = 4
+# `debug-small`: random weights at musicgen-small's LM size (300M parameters, 24 layers, 4 codebooks of 2048,
+# attention through torch's scaled_dot_product_attention as the real checkpoints' `memory_efficient` asks),
+# on a cheap EnCodec with the real one's 50 Hz frame rate and codebook size. For benchmarks, not for tests.
+SMALL_LM = {"dim": 1024, "num_heads": 16, "num_layers": 24, "card": 2048, "memory_efficient": True}
+SMALL_CODEC = {"bins": 2048, "ratios": [8, 5, 4, 4]}
 
 
-def compression_config(device: str = "cpu") -> tp.Dict[str, tp.Any]:
+def compression_config(device: str = "cpu", bins: int = 400,
+                       ratios: tp.Sequence[int] = (10, 8, 16)) -> tp.Dict[str, tp.Any]:
     """audiocraft's debug EnCodec (25 Hz at 32 kHz, 4 codebooks of 400) as a training config."""
     return {
         "device": device, "dtype": "float32", "sample_rate": SAMPLE_RATE, "channels": 1,
@@ -34,15 +40,15 @@ def compression_config(device: str = "cpu") -> tp.Dict[str, tp.Any]:
         "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": SAMPLE_RATE, "channels": 1,
                     "causal": False, "renormalize": False},
         "seanet": {"dimension": CODEC_DIM, "channels": 1, "n_filters": 4, "n_residual_layers": 1,
-                   "ratios": [10, 8, 16], "encoder": {}, "decoder": {}},
-        "rvq": {"n_q": 4, "bins": 400, "decay": 0.99, "kmeans_init": True, "kmeans_iters": 50,
+                   "ratios": list(ratios), "encoder": {}, "decoder": {}},
+        "rvq": {"n_q": 4, "bins": bins, "decay": 0.99, "kmeans_init": True, "kmeans_iters": 50,
                 "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0,
                 "orthogonal_reg_active_codes_only": False, "q_dropout": False},
     }
 
 
 def lm_config(stereo: bool = False, device: str = "cpu", dim: int = 16, num_heads: int = 4,
-              num_layers: int = 2, card: int = 400) -> tp.Dict[str, tp.Any]:
+              num_layers: int = 2, card: int = 400, memory_efficient: bool = False) -> tp.Dict[str, tp.Any]:
     """audiocraft's debug LM as a training config; `stereo` interleaves two EnCodec streams (8 codebooks)."""
     n_q = 8 if stereo else 4
     return {
@@ -52,6 +58,7 @@ def lm_config(stereo: bool = False, device: str = "cpu", dim: int = 16, num_head
                                                              "empty_initial": 0}},
         "transformer_lm": {"n_q": n_q, "card": card, "dim": dim, "num_heads": num_heads,
                            "num_layers": num_layers, "hidden_scale": 4, "custom": True, "causal": True,
+                           "memory_efficient": memory_efficient,
                            "norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False},
         "conditioners": {"description": {"model": "lut", "lut": {"n_bins": 128, "dim": dim,
                                                                  "tokenizer": "noop"}}},
@@ -79,16 +86,17 @@ def mbd_band_config(band: int, device: str = "cpu") -> tp.Dict[str, tp.Any]:
     }
 
 
-def build_compression_model(device: str = "cpu") -> torch.nn.Module:
+def build_compression_model(device: str = "cpu", **codec: tp.Any) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        cfg = omegaconf.OmegaConf.create(compression_config(device))
+        cfg = omegaconf.OmegaConf.create(compression_config(device, **codec))
         model = builders.get_compression_model(cfg)
-        model.quantizer(torch.randn(8, CODEC_DIM, 128, device=device), 1)  # initialise the k-means codebooks
+        # Initialise the k-means codebooks (one sample vector per code at least).
+        model.quantizer(torch.randn(8, CODEC_DIM, max(128, cfg.rvq.bins // 8), device=device), 1)
     return model.eval()
 
 
-def build_lm(stereo: bool = False, device: str = "cpu", **sizes: int) -> torch.nn.Module:
+def build_lm(stereo: bool = False, device: str = "cpu", **sizes: tp.Any) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2)
         cfg = omegaconf.OmegaConf.create(lm_config(stereo, device, **sizes))
@@ -97,8 +105,12 @@ def build_lm(stereo: bool = False, device: str = "cpu", **sizes: int) -> torch.n
     return lm.eval()
 
 
-def build_musicgen(stereo: bool = False, device: str = "cpu") -> MusicGen:
-    """The tiny text-to-music model (mono, or stereo through audiocraft's interleaving wrapper)."""
+def build_musicgen(stereo: bool = False, device: str = "cpu", small: bool = False) -> MusicGen:
+    """The tiny text-to-music model (mono, or stereo through audiocraft's interleaving wrapper), or with
+    `small` the musicgen-small-sized one (mono)."""
+    if small:
+        return MusicGen("debug-small", build_compression_model(device, **SMALL_CODEC),
+                        build_lm(False, device, **SMALL_LM))
     name = "debug-stereo" if stereo else "debug"
     return MusicGen(name, build_compression_model(device), build_lm(stereo, device))
 

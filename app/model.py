@@ -18,7 +18,8 @@ from audiocraft.models.loaders import load_diffusion_models
 from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
 from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
-from . import debug_models
+from . import debug_models, fast_lm
+from . import precision as lm_precision
 from .validation import GenerateParams
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ def resolve_device(setting: str) -> str:
 
 
 def load_musicgen(name: str, device: str) -> MusicGen:
-    """MusicGen from a Hugging Face id, a local checkpoint directory, or `debug`/`debug-stereo`."""
-    if name in ("debug", "debug-stereo"):
-        return debug_models.build_musicgen(stereo=name == "debug-stereo", device=device)
+    """MusicGen from a Hugging Face id, a local checkpoint directory, or `debug`/`debug-stereo`/`debug-small`."""
+    if name in ("debug", "debug-stereo", "debug-small"):
+        return debug_models.build_musicgen(stereo=name == "debug-stereo", device=device, small=name == "debug-small")
     try:
         return MusicGen.get_pretrained(name, device=device)
     except Exception as e:
@@ -105,10 +106,15 @@ class MusicModel:
         self.channels: int = musicgen.audio_channels
 
     @classmethod
-    def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False) -> "MusicModel":
+    def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
+             cross_kv_cache: bool = False, static_kv_cache: bool = False) -> "MusicModel":
+        """Load the models; the defaults of the last three (MUSICGEN_PRECISION, ..._KV_CACHE) are stock audiocraft."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device), mbd_source)
+        lm = model.musicgen.lm
+        log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
+                 fast_lm.install(lm, cross_kv_cache, static_kv_cache))
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)

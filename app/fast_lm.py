@@ -1,0 +1,154 @@
+"""Faster decoding for audiocraft's LM without patching the installed package.
+
+audiocraft 1.3.0 does two avoidable things at every decoding step of every layer:
+- cross-attention projects the text conditioning to keys and values again, although that
+  conditioning is fixed for the whole generation (reading 2 of the layer's 16 weight matrices for
+  nothing on a musicgen-small-sized LM);
+- self-attention grows its key/value cache with `torch.cat`, copying the whole cache each step.
+
+`install` replaces the `forward` of those attention modules, on one LM instance, with versions that
+compute the cross-attention keys/values once per generation (kept in the module's streaming state,
+so audiocraft resets them with the rest of it) and, optionally, write self-attention keys/values
+into a pre-allocated buffer. Both run the same kernels on the same values as stock, so greedy
+decoding gives the same tokens (tests/test_fast_lm.py). Modules these replacements do not cover
+(rope, kv_repeat, qk layer norm, past_context, PyTorch's own MHA) keep audiocraft's forward.
+"""
+
+import functools
+import types
+import typing as tp
+
+import torch
+from audiocraft.models.lm import LMModel
+from audiocraft.modules.transformer import StreamingMultiheadAttention, _get_attention_time_dimension
+from einops import rearrange
+from torch.nn import functional as F
+
+# Headroom when a static cache must grow (a prompt longer than announced): grow by this factor.
+GROWTH = 2
+
+
+def _stock(module: StreamingMultiheadAttention, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+    return StreamingMultiheadAttention.forward(module, *args, **kwargs)
+
+
+def _layout(module: StreamingMultiheadAttention) -> str:
+    return "b h t d" if _get_attention_time_dimension(module.memory_efficient) == 2 else "b t h d"
+
+
+def _attend(module: StreamingMultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Attention and output projection with the same kernels audiocraft picks for this module,
+    so that the numbers (not just the maths) match stock; `causal` masks a block of new queries
+    that are the last of the keys."""
+    layout = _layout(module)
+    if module.attention_as_float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if module.memory_efficient:  # audiocraft's torch backend: scaled_dot_product_attention
+        t, s = q.shape[-2], k.shape[-2]
+        if causal and t != s:  # new queries after cached keys (stock raises here): mask aligned to the end
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        q = q / q.shape[-1] ** 0.5
+        keys = layout.replace("t", "k")
+        if q.device.type == "cuda" and module.safe_streaming:
+            with torch.autocast(device_type="cuda", dtype=torch.float32):
+                w = torch.einsum(f"{layout},{keys}-> b h t k", q, k)
+        else:
+            w = torch.einsum(f"{layout},{keys}-> b h t k", q, k)
+        if causal:
+            t, s = w.shape[-2:]
+            w = w + torch.full((t, s), float("-inf"), device=w.device, dtype=w.dtype).triu(s - t + 1)
+        x = torch.einsum(f"b h t k, {keys} -> {layout}", torch.softmax(w, dim=-1).to(v), v)
+    x = rearrange(x.to(dtype), f"{layout} -> b t (h d)", h=module.num_heads)
+    return module.out_proj(x)
+
+
+def _project(module: StreamingMultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
+    """The query (0), key (1) or value (2) projection of a cross-attention, as audiocraft slices it."""
+    dim = module.embed_dim
+    bias = None if module.in_proj_bias is None else module.in_proj_bias[part * dim: (part + 1) * dim]
+    return F.linear(x, module.in_proj_weight[part * dim: (part + 1) * dim], bias)
+
+
+def _cross_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   key_padding_mask: tp.Any = None, need_weights: bool = False, attn_mask: tp.Any = None,
+                   average_attn_weights: bool = True, is_causal: bool = False) -> tp.Tuple[torch.Tensor, None]:
+    """Cross-attention whose keys/values are projected once per streaming session (one generation)."""
+    if not self._is_streaming or key is not value or attn_mask is not None or key_padding_mask is not None:
+        return _stock(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                      is_causal)
+    layout, state = _layout(self), self._streaming_state
+    # The conditioning is the same tensor object at every step of one generation; anything else recomputes.
+    if state.get("cross_src") is not key:
+        k, v = [rearrange(_project(self, key, part), f"b t (h d) -> {layout}", h=self.num_heads) for part in (1, 2)]
+        state["cross_src"], state["cross_k"], state["cross_v"] = key, k, v
+        self.cross_kv_computed += 1
+    q = rearrange(_project(self, query, 0), f"b t (h d) -> {layout}", h=self.num_heads)
+    return _attend(self, q, state["cross_k"], state["cross_v"], False, query.dtype), None
+
+
+def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    key_padding_mask: tp.Any = None, need_weights: bool = False, attn_mask: tp.Any = None,
+                    average_attn_weights: bool = True, is_causal: bool = False) -> tp.Tuple[torch.Tensor, None]:
+    """Causal self-attention that writes keys/values into a buffer sized for the whole generation."""
+    if not self._is_streaming or attn_mask is not None or key_padding_mask is not None:
+        return _stock(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                      is_causal)
+    time_dim = _get_attention_time_dimension(self.memory_efficient)
+    bound = "b h p t d" if time_dim == 2 else "b t p h d"
+    projected = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+    q, k, v = torch.unbind(rearrange(projected, f"b t (p h d) -> {bound}", p=3, h=self.num_heads), dim=2)
+    state, new = self._streaming_state, query.shape[1]
+    length = int(state["static_length"]) if "static_length" in state else 0
+    if "static_k" not in state or state["static_k"].shape[time_dim] < length + new:
+        capacity = max(self.static_capacity, GROWTH * (length + new))
+        for name, x in (("static_k", k), ("static_v", v)):
+            shape = list(x.shape)
+            shape[time_dim] = capacity
+            buffer = x.new_empty(shape)
+            if length:
+                buffer.narrow(time_dim, 0, length).copy_(state[name].narrow(time_dim, 0, length))
+            state[name] = buffer
+    state["static_k"].narrow(time_dim, length, new).copy_(k)
+    state["static_v"].narrow(time_dim, length, new).copy_(v)
+    state["static_length"] = torch.tensor(length + new)
+    k, v = (state[name].narrow(time_dim, 0, length + new) for name in ("static_k", "static_v"))
+    return _attend(self, q, k, v, new > 1, query.dtype), None
+
+
+def _covered(module: StreamingMultiheadAttention) -> bool:
+    return module.custom and not module.qk_layer_norm and module.kv_repeat == 1
+
+
+def _generate_sizing_cache(lm: LMModel, generate: tp.Callable[..., torch.Tensor], *args: tp.Any,
+                           **kwargs: tp.Any) -> torch.Tensor:
+    """LMModel.generate, with every static cache sized for this call's sequence (steps + pattern delays)."""
+    max_gen_len = kwargs.get("max_gen_len", args[3] if len(args) > 3 else 256)
+    steps = lm.pattern_provider.get_pattern(max_gen_len).num_sequence_steps
+    for module in lm.modules():
+        if hasattr(module, "static_capacity"):
+            module.static_capacity = steps
+    return generate(*args, **kwargs)
+
+
+def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False) -> tp.Dict[str, int]:
+    """Replace attention forwards on this LM instance; returns how many modules each change reached."""
+    counts = {"cross_kv_cache": 0, "static_kv_cache": 0}
+    for module in lm.modules():
+        if not isinstance(module, StreamingMultiheadAttention) or not _covered(module):
+            continue
+        if module.cross_attention and cross_kv_cache:
+            module.cross_kv_computed = 0  # how many times keys/values were projected (tests read it)
+            module.forward = types.MethodType(_cross_forward, module)
+            counts["cross_kv_cache"] += 1
+        elif module.causal and static_kv_cache and module.rope is None and module.past_context is None:
+            module.static_capacity = 0
+            module.forward = types.MethodType(_static_forward, module)
+            counts["static_kv_cache"] += 1
+    if counts["static_kv_cache"]:
+        lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
+    return counts

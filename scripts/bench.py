@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Benchmark the service against bare audiocraft, side by side in one run; writes docs/benchmarks.{md,png,json}.
+
+    .venv/bin/python scripts/bench.py            # the full run (~15 minutes on 2 shared cores)
+    .venv/bin/python scripts/bench.py --quick    # a few minutes, fewer repeats
+
+Every comparison is a ratio or a distribution of figures measured in the same run, interleaved where
+possible (the cores are shared, so absolute times move with the neighbours' load; ratios of paired
+measurements move much less). Nothing here is a pass/fail gate.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, in-process and in the server (OMP_NUM_THREADS); default 1: on "
+                             "cores shared with other work, 2 threads spin-wait on each other and ran 3x slower")
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="where benchmarks.md/.png/.json go")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)  # before torch is imported; the servers inherit it
+
+import torch  # noqa: E402
+
+from scripts.bench_lm import decode_costs, lm_step_comparison, long_context_probe  # noqa: E402
+from scripts.bench_report import write_report  # noqa: E402
+from scripts.bench_service import debug_durations, end_to_end, service_latencies  # noqa: E402
+
+
+def machine() -> tp.Dict[str, tp.Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+                 platform.processor())
+    flags = Path("/proc/cpuinfo").read_text()
+    return {"host": platform.node(), "cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": ARGS.threads, "python": platform.python_version(),
+            "cpu_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    torch.set_num_threads(ARGS.threads)
+    quick = ARGS.quick
+    started = time.monotonic()
+    results: tp.Dict[str, tp.Any] = {"machine": machine(), "quick": quick, "uptime": [uptime()]}
+    print(json.dumps(results["machine"]), "\n", uptime(), flush=True)
+
+    def section(name: str, fn: tp.Callable[[], tp.Any]) -> None:
+        t = time.monotonic()
+        results[name] = fn()
+        results["uptime"].append(uptime())
+        print(f"== {name} ({time.monotonic() - t:.0f} s) {results['uptime'][-1]}", flush=True)
+        print(json.dumps(results[name], default=str)[:1500], flush=True)
+
+    section("lm_steps", lambda: lm_step_comparison(steps=12 if quick else 100))
+    section("long_context", lambda: long_context_probe(context=96 if quick else 600, steps=3 if quick else 5))
+    results["decode_costs"] = decode_costs(results["lm_steps"], results["long_context"])
+    section("debug_durations", lambda: debug_durations([1, 5] if quick else [1, 5, 10, 20, 30, 45, 60]))
+    section("end_to_end", lambda: end_to_end(
+        {"debug": [1, 5] if quick else [1, 5, 10], "debug-small": [1] if quick else [1, 2]},
+        repeats=1 if quick else 3))
+    section("service", lambda: service_latencies(busy_tries=30 if quick else 200, start_tries=5 if quick else 20,
+                                                 disconnects=2 if quick else 5, rss_requests=10 if quick else 50))
+    results["wall_seconds"] = round(time.monotonic() - started)
+    out = Path(ARGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(results, out / "benchmarks.md", out / "benchmarks.png")
+    print(f"wrote {out / 'benchmarks.md'} and benchmarks.png in {results['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""LM decoding-step benchmarks at musicgen-small's size (random weights), for scripts/bench.py.
+
+Every variant decodes the same tokens with the same conditioning, one step at a time in audiocraft's
+streaming mode with the CFG batch of 2, round-robin (step i of every variant, then step i+1), so
+each variant's time is compared with stock's time at the same step under the same load.
+"""
+
+import contextlib
+import copy
+import statistics
+import time
+import typing as tp
+
+import torch
+from audiocraft.models.lm import LMModel
+
+from app import debug_models, fast_lm, precision
+
+CFG_COEF = 3.0
+STOCK = "audiocraft fp32 (stock)"
+
+
+def _shared_copy(lm: LMModel) -> LMModel:
+    """A second module tree that shares `lm`'s weights (own streaming state, own forwards)."""
+    return copy.deepcopy(lm, memo={id(p): p for p in lm.parameters()})
+
+
+def audiocraft_variants() -> tp.Dict[str, LMModel]:
+    stock = debug_models.build_lm(**debug_models.SMALL_LM)
+    cross = _shared_copy(stock)
+    fast_lm.install(cross, cross_kv_cache=True)
+    both = _shared_copy(stock)
+    fast_lm.install(both, cross_kv_cache=True, static_kv_cache=True)
+    bf16 = copy.deepcopy(stock)
+    precision.apply(bf16, "bf16", "cpu")
+    bf16_fast = _shared_copy(bf16)
+    fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
+    int8 = copy.deepcopy(stock)
+    precision.apply(int8, "int8-dynamic", "cpu")
+    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True)
+    return {STOCK: stock, "fp32 + cross-KV cache": cross, "fp32 + cross-KV + static KV": both,
+            "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast,
+            "int8-dynamic + cross-KV + static KV": int8}
+
+
+def conditions(lm: LMModel) -> tp.Dict[str, tp.Any]:
+    """The CFG batch's conditioning (a description, then the null one), as LMModel.generate builds it."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    attributes = [ConditioningAttributes(text={"description": "90s rock song with electric guitar"}),
+                  ConditioningAttributes(text={"description": None})]
+    return lm.condition_provider(lm.condition_provider.tokenize(attributes))
+
+
+def transformers_variants() -> tp.Dict[str, tp.Any]:
+    """Hugging Face's MusicGen decoder at the same size (random weights, built offline from a config)."""
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    sizes = debug_models.SMALL_LM
+    config = MusicgenDecoderConfig(vocab_size=sizes["card"], max_position_embeddings=2048, hidden_size=sizes["dim"],
+                                   num_hidden_layers=sizes["num_layers"], num_attention_heads=sizes["num_heads"],
+                                   ffn_dim=4 * sizes["dim"], num_codebooks=4, audio_channels=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        fp32 = MusicgenForCausalLM(config).eval()
+    return {"transformers fp32": fp32, "transformers bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
+
+
+class _HFStepper:
+    """One step of transformers' decoder with its own KV cache (cross-attention keys computed once)."""
+
+    def __init__(self, model: tp.Any, text_length: int = 12):
+        self.model, self.past = model, None
+        dtype = next(model.parameters()).dtype
+        self.encoder = torch.randn(2, text_length, model.config.hidden_size, generator=torch.Generator().manual_seed(5),
+                                   dtype=torch.float32).to(dtype)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.repeat(2, 1, 1).reshape(-1, tokens.shape[-1])  # [CFG batch * codebooks, T]
+        out = self.model(input_ids=ids, encoder_hidden_states=self.encoder, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits
+
+
+def _cfg_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    cond, uncond = logits.float().split(1, dim=0)
+    return torch.log_softmax(uncond + (cond - uncond) * CFG_COEF, dim=-1)[:, :, -1]  # [1, K, card]
+
+
+def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
+    """ms/step of each variant, its speed-up over stock (median of per-step ratios) and, for audiocraft's
+    variants, the drift of next-token distributions from stock fp32 (mean KL, top-1 agreement)."""
+    ours = audiocraft_variants()
+    theirs = transformers_variants()
+    cond = conditions(ours[STOCK])
+    torch.manual_seed(0)
+    tokens = torch.randint(0, debug_models.SMALL_LM["card"], (1, 4, steps))
+    times: tp.Dict[str, tp.List[float]] = {name: [] for name in [*ours, *theirs]}
+    kl: tp.Dict[str, tp.List[float]] = {name: [] for name in ours}
+    top1: tp.Dict[str, tp.List[float]] = {name: [] for name in ours}
+    hf = {name: _HFStepper(model) for name, model in theirs.items()}
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for lm in ours.values():
+            stack.enter_context(lm.streaming())
+        for step in range(steps):
+            x = tokens[..., step: step + 1]
+            reference = None
+            for name, lm in ours.items():
+                t = time.perf_counter()
+                logits = lm(x.repeat(2, 1, 1), [], condition_tensors=cond)
+                times[name].append(time.perf_counter() - t)
+                logp = _cfg_log_probs(logits)
+                if reference is None:
+                    reference = logp
+                kl[name].append(float((reference.exp() * (reference - logp)).sum(-1).mean()))
+                top1[name].append(float((reference.argmax(-1) == logp.argmax(-1)).float().mean()))
+            for name, stepper in hf.items():
+                t = time.perf_counter()
+                stepper(x)
+                times[name].append(time.perf_counter() - t)
+    skip = min(2, steps // 4)  # the first steps allocate and warm the kernels
+    out = {}
+    for name, ts in times.items():
+        ts = ts[skip:]
+        ratios = [s / t for s, t in zip(times[STOCK][skip:], ts, strict=True)]
+        out[name] = {"ms_per_step": round(1000 * statistics.median(ts), 1),
+                     "ms_p90": round(1000 * sorted(ts)[int(0.9 * (len(ts) - 1))], 1),
+                     "steps_per_s": round(1 / statistics.median(ts), 2),
+                     "speedup_vs_stock": round(statistics.median(ratios), 2)}
+        if name in kl:
+            out[name]["mean_kl"] = float(f"{statistics.fmean(kl[name]):.2e}")
+            out[name]["top1_agreement"] = round(statistics.fmean(top1[name]), 4)
+    return {"steps": steps, "variants": out}
+
+
+def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
+    """Prefill `context` steps at once (what a window past 30 s does with its prompt), then time single steps
+    there: the per-step cost grows with the context (attention; stock also copies its KV cache each step)."""
+    variants = audiocraft_variants()
+    chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", "bf16 + cross-KV + static KV")}
+    cond = conditions(variants[STOCK])
+    torch.manual_seed(1)
+    tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
+    out = {}
+    with torch.inference_mode():
+        for name, lm in chosen.items():
+            for module in lm.modules():
+                if hasattr(module, "static_capacity"):
+                    module.static_capacity = context + steps
+            with lm.streaming():
+                t = time.perf_counter()
+                lm(tokens[..., :context], [], condition_tensors=cond)
+                prefill = time.perf_counter() - t
+                ts = []
+                for i in range(context, context + steps):
+                    t = time.perf_counter()
+                    lm(tokens[..., i: i + 1], [], condition_tensors=cond)
+                    ts.append(time.perf_counter() - t)
+            out[name] = {"prefill_ms_per_token": round(1000 * prefill / context, 2),
+                         "ms_per_step_at_context": round(1000 * statistics.median(ts), 1)}
+    return {"context": context, "variants": out}
+
+
+def decode_costs(lm_steps: tp.Dict[str, tp.Any], probe: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """Extrapolated LM seconds per second of audio at musicgen-small's size, 1 to 60 s.
+
+    Per-step cost c(p) = c0 + slope * p, with c0 the short-context median (steps near 0) and the slope
+    from the probe at `context`; each window past 30 s adds its prompt's prefill. The step schedule is
+    the service's own (MusicModel.lm_steps), on a 50 Hz model with audiocraft's 30 s windows, 18 s stride.
+    """
+    frame_rate, max_duration, stride = 50, 30.0, 18.0
+    curves: tp.Dict[str, tp.Dict[int, float]] = {}
+    for name, at_context in probe["variants"].items():
+        c0 = lm_steps["variants"][name]["ms_per_step"] / 1000
+        slope = max(0.0, at_context["ms_per_step_at_context"] / 1000 - c0) / probe["context"]
+        prefill = at_context["prefill_ms_per_token"] / 1000
+        curve = {}
+        for duration in range(1, 61):
+            total = 0.0
+            for prompt, length in _windows(duration, frame_rate, max_duration, stride):
+                steps = length + 4  # the delay pattern's extra steps
+                total += prefill * prompt + sum(c0 + slope * p for p in range(prompt, steps))
+            curve[duration] = round(total / duration, 3)
+        curves[name] = curve
+    return {"seconds_per_audio_second": curves, "method": decode_costs.__doc__}
+
+
+def _windows(duration: float, frame_rate: int, max_duration: float, stride: float) -> tp.List[tp.Tuple[int, int]]:
+    """(prompt frames, window frames) of each window, as MusicModel.lm_steps walks them."""
+    total, stride_frames = int(duration * frame_rate), int(stride * frame_rate)
+    windows, offset, prompt = [], 0, 0
+    while offset + prompt < total:
+        length = int(min(duration - offset / frame_rate, max_duration) * frame_rate)
+        windows.append((prompt, length))
+        if duration <= max_duration:
+            break
+        prompt, offset = length - stride_frames, offset + stride_frames
+    return windows

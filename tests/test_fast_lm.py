@@ -1,0 +1,134 @@
+"""Cross-attention key/value caching and MUSICGEN_PRECISION: same tokens as stock, real generations."""
+
+import copy
+import functools
+import typing as tp
+
+import pytest
+import torch
+from audiocraft.models import MusicGen
+
+from app import debug_models, fast_lm, precision
+from app.config import ConfigError, Settings
+from tests.helpers import events, generate
+
+# A small random LM on audiocraft's `memory_efficient` attention path (scaled_dot_product_attention), as the
+# real checkpoints use; the debug model takes the einsum path.
+SMALL = {"dim": 64, "num_heads": 4, "num_layers": 3, "card": 400, "memory_efficient": True}
+
+
+def musicgen(sizes: tp.Optional[tp.Dict[str, tp.Any]] = None) -> MusicGen:
+    """A fresh copy of the debug model, or of one with an LM of these sizes (built once: the debug
+    EnCodec's k-means initialisation takes seconds)."""
+    return copy.deepcopy(_built(tuple(sorted(sizes.items())) if sizes else None))
+
+
+@functools.cache
+def _built(sizes: tp.Optional[tp.Tuple[tp.Tuple[str, tp.Any], ...]]) -> MusicGen:
+    if sizes is None:
+        return debug_models.build_musicgen()
+    codec = copy.deepcopy(_built(None).compression_model)
+    return MusicGen("small-random", codec, debug_models.build_lm(**dict(sizes)))
+
+
+def greedy_tokens(mg: MusicGen, duration: float, max_duration: tp.Optional[float] = None,
+                  progress: bool = False) -> torch.Tensor:
+    """Tokens of a greedy (temperature 0) generation with CFG; `max_duration` shortens the window to
+    take audiocraft's windowed extension (each window re-reads the last one as a prompt) cheaply."""
+    if max_duration is not None:
+        mg.max_duration = max_duration
+    mg.set_generation_params(use_sampling=False, duration=duration, cfg_coef=3.0,
+                             extend_stride=max_duration / 2 if max_duration else 18)
+    with torch.inference_mode():
+        return mg.generate(["90s rock", "calm piano"], progress=progress, return_tokens=True)[1]
+
+
+def with_speedups(mg: MusicGen, **kwargs: tp.Any) -> MusicGen:
+    fast = copy.deepcopy(mg)
+    fast_lm.install(fast.lm, **kwargs)
+    return fast
+
+
+@pytest.mark.parametrize("sizes", [None, SMALL], ids=["debug", "small-random"])
+@pytest.mark.parametrize("max_duration", [None, 1.0], ids=["one-window", "windowed"])
+def test_cross_kv_cache_gives_stock_tokens(sizes, max_duration):
+    stock = musicgen(sizes)
+    fast = with_speedups(stock, cross_kv_cache=True)
+    expected = greedy_tokens(stock, 2.0, max_duration)
+    assert torch.equal(greedy_tokens(fast, 2.0, max_duration), expected)
+
+
+def test_cross_kv_cache_projects_once_per_generation():
+    fast = with_speedups(musicgen(), cross_kv_cache=True)
+    modules = [m for m in fast.lm.modules() if hasattr(m, "cross_kv_computed")]
+    assert len(modules) == len(fast.lm.transformer.layers)
+    greedy_tokens(fast, 1.0)
+    assert [m.cross_kv_computed for m in modules] == [1] * len(modules)
+    greedy_tokens(fast, 1.0)  # a new generation (new conditioning) projects again, once
+    assert [m.cross_kv_computed for m in modules] == [2] * len(modules)
+
+
+def test_install_reports_what_it_reached_and_stock_is_untouched():
+    mg = musicgen()
+    fast = copy.deepcopy(mg)
+    layers = len(mg.lm.transformer.layers)
+    assert fast_lm.install(fast.lm, cross_kv_cache=True, static_kv_cache=True) == {
+        "cross_kv_cache": layers, "static_kv_cache": layers}
+    assert not any(hasattr(m, "cross_kv_computed") for m in mg.lm.modules())
+    assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {"cross_kv_cache": 0, "static_kv_cache": 0}
+
+
+def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
+    """Log-probabilities at each step for the same (random) tokens fed one step at a time."""
+    torch.manual_seed(0)
+    lm = mg.lm
+    tokens = torch.randint(0, lm.card, (1, lm.num_codebooks, steps))
+    attributes, _ = mg._prepare_tokens_and_attributes(["90s rock"], None)
+    null = lm.cfg_dropout.__class__(p=1.0)(copy.deepcopy(attributes))  # what LMModel.generate does for CFG
+    conditions = lm.condition_provider(lm.condition_provider.tokenize(attributes + null))
+    out = []
+    with torch.inference_mode(), lm.streaming():
+        for step in range(steps):
+            x = tokens[..., step: step + 1].repeat(2, 1, 1)
+            out.append(torch.log_softmax(lm(x, [], condition_tensors=conditions)[:1].float(), dim=-1))
+    return torch.cat(out, dim=2)
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8-dynamic"])
+def test_lower_precision_stays_close_to_fp32(name):
+    stock = musicgen(SMALL)
+    reference = next_token_distributions(stock)
+    low = copy.deepcopy(stock)
+    assert precision.apply(low.lm, name, "cpu") == name
+    logp = next_token_distributions(low)
+    assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
+    kl = (reference.exp() * (reference - logp)).sum(-1).mean()
+    agreement = (reference.argmax(-1) == logp.argmax(-1)).float().mean()
+    assert kl < 0.01 and agreement > 0.9, (kl, agreement)
+
+
+def test_bf16_keeps_positions_and_norms_in_fp32():
+    lm = musicgen().lm
+    precision.apply(lm, "bf16", "cpu")
+    assert lm.transformer.layers[0].linear1.weight.dtype == torch.bfloat16
+    assert lm.transformer.layers[0].self_attn.in_proj_weight.dtype == torch.bfloat16
+    assert lm.transformer.layers[0].norm1.weight.dtype == torch.float32
+    assert lm.emb[0].weight.dtype == torch.float32  # the residual stream (and positions) stay fp32
+
+
+def test_precision_setting_is_validated():
+    assert Settings.from_env({"MUSICGEN_PRECISION": "int8-dynamic"}).precision == "int8-dynamic"
+    with pytest.raises(ConfigError, match="MUSICGEN_PRECISION"):
+        Settings.from_env({"MUSICGEN_PRECISION": "fp8"})
+    assert precision.resolve("bf16", "cuda") == "autocast"  # audiocraft's own fp16 on CUDA
+
+
+def test_server_runs_the_default_speedups(idle_server):
+    """The shared test server runs with the defaults: cross and static caches on, precision auto."""
+    with generate(idle_server.url, {"description": "drums", "duration": 2, "temperature": 0}) as response:
+        assert response.status_code == 200
+        last = list(events(response))[-1]
+    assert last["event"] == "completed", last
+    expected = precision.resolve("auto", "cpu")
+    layers = len(musicgen().lm.transformer.layers)
+    assert f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, " in idle_server.output()
