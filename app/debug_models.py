@@ -28,11 +28,11 @@ MBD_BANDS = 4
 # attention through torch's scaled_dot_product_attention as the real checkpoints' `memory_efficient` asks),
 # on a cheap EnCodec with the real one's 50 Hz frame rate and codebook size. For benchmarks, not for tests.
 SMALL_LM = {"dim": 1024, "num_heads": 16, "num_layers": 24, "card": 2048, "memory_efficient": True}
-SMALL_CODEC = {"bins": 2048, "ratios": [8, 5, 4, 4]}
+SMALL_CODEC = {"bins": 2048, "ratios": [8, 5, 4, 4], "kmeans_iters": 2}  # k-means of 2048 codes is slow
 
 
-def compression_config(device: str = "cpu", bins: int = 400,
-                       ratios: tp.Sequence[int] = (10, 8, 16)) -> tp.Dict[str, tp.Any]:
+def compression_config(device: str = "cpu", bins: int = 400, ratios: tp.Sequence[int] = (10, 8, 16),
+                       kmeans_iters: int = 50) -> tp.Dict[str, tp.Any]:
     """audiocraft's debug EnCodec (25 Hz at 32 kHz, 4 codebooks of 400) as a training config."""
     return {
         "device": device, "dtype": "float32", "sample_rate": SAMPLE_RATE, "channels": 1,
@@ -41,7 +41,7 @@ def compression_config(device: str = "cpu", bins: int = 400,
                     "causal": False, "renormalize": False},
         "seanet": {"dimension": CODEC_DIM, "channels": 1, "n_filters": 4, "n_residual_layers": 1,
                    "ratios": list(ratios), "encoder": {}, "decoder": {}},
-        "rvq": {"n_q": 4, "bins": bins, "decay": 0.99, "kmeans_init": True, "kmeans_iters": 50,
+        "rvq": {"n_q": 4, "bins": bins, "decay": 0.99, "kmeans_init": True, "kmeans_iters": kmeans_iters,
                 "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0,
                 "orthogonal_reg_active_codes_only": False, "q_dropout": False},
     }

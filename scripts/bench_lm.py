@@ -96,6 +96,7 @@ def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
     times: tp.Dict[str, tp.List[float]] = {name: [] for name in [*ours, *theirs]}
     kl: tp.Dict[str, tp.List[float]] = {name: [] for name in ours}
     top1: tp.Dict[str, tp.List[float]] = {name: [] for name in ours}
+    top_p: tp.List[float] = []  # how peaked stock's distributions are (random weights: nearly flat)
     hf = {name: _HFStepper(model) for name, model in theirs.items()}
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         for lm in ours.values():
@@ -110,6 +111,7 @@ def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
                 logp = _cfg_log_probs(logits)
                 if reference is None:
                     reference = logp
+                    top_p.append(float(logp.exp().max(-1).values.mean()))
                 kl[name].append(float((reference.exp() * (reference - logp)).sum(-1).mean()))
                 top1[name].append(float((reference.argmax(-1) == logp.argmax(-1)).float().mean()))
             for name, stepper in hf.items():
@@ -128,7 +130,7 @@ def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
         if name in kl:
             out[name]["mean_kl"] = float(f"{statistics.fmean(kl[name]):.2e}")
             out[name]["top1_agreement"] = round(statistics.fmean(top1[name]), 4)
-    return {"steps": steps, "variants": out}
+    return {"steps": steps, "stock_mean_top1_probability": round(statistics.fmean(top_p), 4), "variants": out}
 
 
 def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:

@@ -71,6 +71,8 @@ def end_to_end(durations: tp.Dict[str, tp.List[int]], repeats: int) -> tp.Dict[s
                 ratios = [s / b for s, b in zip(served, bare, strict=True)]
                 out[f"{name} {duration} s"] = {"bare_s": round(statistics.median(bare), 3),
                                                "served_s": round(statistics.median(served), 3),
+                                               "overhead_s": round(statistics.median(
+                                                   [s - b for s, b in zip(served, bare, strict=True)]), 3),
                                                "ratio": round(statistics.median(ratios), 3),
                                                "ratio_max": round(max(ratios), 3)}
         del bare_model
