@@ -104,6 +104,10 @@ async function generateScenario(context) {
   const audio = outcome.state === 'done' ? await audioResult(page) : null;
   const progress = await page.evaluate(() => window.seenProgress);
   await page.screenshot({ path: path.join(artifacts, 'web-desktop.png'), fullPage: true });
+  // The README's picture (docs/web-page.png is a copy): a finished clip, advanced settings folded.
+  await page.click('summary');
+  await page.setViewportSize({ width: 720, height: 600 });
+  await page.screenshot({ path: path.join(artifacts, 'web-readme.png'), fullPage: true });
   await page.setViewportSize({ width: 375, height: 800 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   await page.screenshot({ path: path.join(artifacts, 'web-phone.png'), fullPage: true });
