@@ -81,11 +81,12 @@ def test_busy_exits_3_and_retry_waits_its_turn(idle_server, tmp_path):
         busy = cli(idle_server.url, "second", "--duration", "1")
         assert busy.returncode == 3 and b"busy" in busy.stderr
         # Retry-After is 5 s; the first clip takes a few seconds here, so a retry or two gets the slot.
-        retried = cli(idle_server.url, "second", "--duration", "1", "--retry", "4", "-o", str(tmp_path / "b.wav"))
+        retried = cli(idle_server.url, "second", "--duration", "1", "--retry", "4", "-o", "-")
         reader.join(timeout=60)
     assert retried.returncode == 0, retried.stderr.decode()
     assert b"retrying in 5 s (1/4)" in retried.stderr
-    assert kinds[-1] == "completed" and (tmp_path / "b.wav").exists()
+    assert kinds[-1] == "completed"
+    assert wav_info(retried.stdout)[3] == 1  # `-o -`: the WAV on stdout
 
 
 def test_ctrl_c_cancels_and_frees_the_server(idle_server, tmp_path):
