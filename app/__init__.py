@@ -36,8 +36,9 @@ def create_app(settings: tp.Optional[Settings] = None,
     service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds)
     app.extensions["musicgen"] = service.start()
 
-    from . import api
+    from . import api, web
     app.register_blueprint(api.bp)
+    app.register_blueprint(web.bp)
     register_error_handlers(app)
     return app
 

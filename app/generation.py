@@ -47,14 +47,41 @@ class Model(tp.Protocol):
 
 @dataclasses.dataclass(eq=False)
 class Job:
+    """One accepted request. It holds the slot until it ends or, if it never began, until its client leaves."""
+
     params: GenerateParams
     seed: int
+    free_slot: tp.Callable[[], None]
     events: "queue.Queue[tp.Dict[str, tp.Any]]" = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _state: str = "queued"  # queued -> running -> done, or queued -> abandoned
+    _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def cancel(self) -> None:
         """Called when the response is closed: the client went away, or the stream ended anyway."""
         self.cancelled.set()
+        with self._guard:
+            abandoned = self._state == "queued"
+            if abandoned:
+                self._state = "abandoned"
+        if abandoned:  # nobody will run it: free the slot now, not after a model load it waits behind
+            self.free_slot()
+
+    def begin(self) -> bool:
+        """The worker takes the job; False if its client already left."""
+        with self._guard:
+            if self._state == "abandoned":
+                return False
+            self._state = "running"
+            return True
+
+    def finish(self) -> None:
+        """Free the slot of a running job (once; later calls do nothing)."""
+        with self._guard:
+            if self._state != "running":
+                return
+            self._state = "done"
+        self.free_slot()
 
 
 class Progress:
@@ -118,7 +145,7 @@ class GenerationService:
         if not self._lock.acquire(blocking=False):
             raise Busy("another generation is running; try again later", {"Retry-After": self._retry_after})
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        job = Job(params, seed)
+        job = Job(params, seed, self._lock.release)
         self._jobs.put(job)
         return job
 
@@ -138,20 +165,23 @@ class GenerationService:
             self._execute(job)
 
     def _execute(self, job: Job) -> None:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._lock.release()
+        try:
+            self._prepare(job)
+            failure: tp.Optional[Exception] = None
+        except Exception as e:
+            failure = e
+        if not job.begin():
+            log.info("generation cancelled: the client went away before it started")
+            return
 
         terminal: tp.Dict[str, tp.Any] = {"event": "error", "message": "generation failed"}
         try:
+            if failure is not None:
+                raise failure
             wav = self._generate(job)
             # The GPU is done: free the slot before the terminal event, so a client that asks again
             # the instant it reads `completed` is never refused.
-            release()
+            job.finish()
             audio = to_wav(wav, self.model.sample_rate, self._normalize)
             terminal = {"event": "completed", **self._describe(job), "audio": base64.b64encode(audio).decode()}
         except Cancelled as e:
@@ -168,19 +198,23 @@ class GenerationService:
         finally:
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
-            release()
+            job.finish()
             job.events.put(terminal)
 
-    def _generate(self, job: Job) -> torch.Tensor:
+    def _prepare(self, job: Job) -> None:
+        """Load what the job needs (MBD on first use) before it begins: loading cannot be interrupted,
+        but a client that leaves meanwhile frees the slot at once (see `Job.cancel`)."""
         if self.model is None:
             raise ModelUnavailable(f"the model failed to load: {self.load_error}")
-        if job.cancelled.is_set():
-            raise Cancelled("the client went away before it started")
+        if job.params.mbd and not job.cancelled.is_set():
+            self.model.ensure_mbd()
+
+    def _generate(self, job: Job) -> torch.Tensor:
+        assert self.model is not None
         model, params = self.model, job.params
         job.events.put({"event": "start", "model": model.name, **self._describe(job), "mbd": params.mbd})
         totals = {"lm": model.lm_steps(params.duration), "decode": 1}
         if params.mbd:
-            model.ensure_mbd()  # loads on first use: a silent phase, covered by keep-alives
             totals["diffusion"] = model.diffusion_steps()
         progress = Progress(totals, SHARES_MBD if params.mbd else SHARES)
 
