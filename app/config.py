@@ -10,7 +10,7 @@ import os
 import typing as tp
 
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
-PRECISIONS = ("auto", "fp32", "bf16", "int8-dynamic")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,7 @@ class Settings:
     # MUSICGEN_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
     # MUSICGEN_PRECISION: the LM's precision on CPU: auto (bf16 where the CPU has native bf16, else fp32),
-    # fp32 (stock), bf16 (bf16 weights under CPU autocast) or int8-dynamic. CUDA keeps audiocraft's fp16.
+    # fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py). CUDA keeps audiocraft's fp16.
     precision: str = "auto"
     # MUSICGEN_CROSS_KV_CACHE: project the text conditioning to cross-attention keys/values once per
     # generation instead of at every step of every layer (same tokens as stock; 0 restores stock).

@@ -1,11 +1,14 @@
 """The LM's numeric precision on CPU (MUSICGEN_PRECISION).
 
 Decoding one step reads every weight of the LM once, so on CPU a step costs about the time to
-stream the weights from memory: halving their size nearly halves the step. `bf16` stores the
-weights of the LM's matrix products in bfloat16 and runs the LM under CPU autocast, the way
-audiocraft runs fp16 on CUDA: matrix products in bf16, the residual stream, norms, positional
-embedding and softmax of the logits in fp32 (positions in bf16 would be rounded to multiples of 8
-past 1024). `int8-dynamic` quantizes the `nn.Linear` layers with PyTorch's dynamic quantization.
+stream the weights from memory: halving their size nearly halves the step.
+- `bf16`: the transformer and output heads in bfloat16 end to end (as transformers' MusicGen in bf16),
+  except what must stay fp32: the codebook embeddings' sum, the sinusoidal positional embedding (audiocraft
+  computes it in the input's dtype, and positions in bf16 are rounded to multiples of 8 past 1024), and
+  the logits handed to sampling.
+- `bf16-autocast`: weights of the matrix products in bf16 under CPU autocast, the way audiocraft runs fp16
+  on CUDA (residual stream and norms in fp32): closer to fp32, slower (a cast around every product).
+- `int8-dynamic`: PyTorch's dynamic int8 quantization of the `nn.Linear` layers.
 On CUDA audiocraft's own fp16 autocast applies and this setting is ignored.
 """
 
@@ -14,11 +17,13 @@ import typing as tp
 
 import torch
 from audiocraft.models.lm import LMModel
-from audiocraft.modules.transformer import StreamingMultiheadAttention
+from audiocraft.modules.transformer import StreamingMultiheadAttention, StreamingTransformer, create_sin_embedding
+
+from .config import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8-dynamic")
+__all__ = ["PRECISIONS", "apply", "resolve"]
 
 
 def resolve(precision: str, device: str) -> str:
@@ -40,12 +45,46 @@ def _matmul_weights(lm: LMModel) -> tp.Iterator[torch.nn.Parameter]:
             yield from (p for p in (module.in_proj_weight, module.in_proj_bias) if p is not None)
 
 
-def _autocast_forward(forward: tp.Callable[..., torch.Tensor]) -> tp.Callable[..., torch.Tensor]:
-    def bf16_forward(*args: tp.Any, **kwargs: tp.Any) -> torch.Tensor:
+class _AutocastLM(LMModel):
+    """The LM under CPU bf16 autocast (a class, not a wrapped bound method, so that copies stay right)."""
+
+    def forward(self, *args: tp.Any, **kwargs: tp.Any) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = forward(*args, **kwargs)
+            logits = super().forward(*args, **kwargs)
         return logits.float()  # sampling (softmax, top-k/top-p, CFG mix) stays in fp32
-    return bf16_forward
+
+
+def _logits_to_fp32(module: LMModel, args: tp.Any, logits: torch.Tensor) -> torch.Tensor:
+    return logits.float()
+
+
+def _to_bf16_with_fp32_positions(lm: LMModel) -> None:
+    transformer: StreamingTransformer = lm.transformer
+    for module in (transformer, lm.out_norm, lm.linears):
+        if module is not None:
+            module.to(torch.bfloat16)
+    sin = transformer.positional_embedding in ("sin", "sin_rope")
+    if sin:  # added in fp32 by the hook below instead; rope (if any) keeps its own path
+        transformer.positional_embedding = "rope" if transformer.positional_embedding == "sin_rope" else "none"
+    last: tp.Dict[str, torch.Tensor] = {}  # the conditioning's bf16 copy, one per generation (same object each step)
+
+    def enter_bf16(module: StreamingTransformer, args: tp.Tuple[tp.Any, ...],
+                   kwargs: tp.Dict[str, tp.Any]) -> tp.Tuple[tp.Tuple[tp.Any, ...], tp.Dict[str, tp.Any]]:
+        x = args[0]
+        if sin:  # what StreamingTransformer.forward does, in fp32, from the same streaming offsets
+            B, T, C = x.shape
+            offsets = module._streaming_state.get("offsets", torch.zeros(B, dtype=torch.long, device=x.device))
+            positions = torch.arange(T, device=x.device).view(1, -1, 1) + offsets.view(-1, 1, 1)
+            x = x + module.positional_scale * create_sin_embedding(positions, C, module.max_period, dtype=x.dtype)
+        src = kwargs.get("cross_attention_src")
+        if src is not None and src.dtype != torch.bfloat16:
+            if last.get("src") is not src:
+                last["src"], last["bf16"] = src, src.to(torch.bfloat16)
+            kwargs["cross_attention_src"] = last["bf16"]
+        return (x.to(torch.bfloat16), *args[1:]), kwargs
+
+    transformer.register_forward_pre_hook(enter_bf16, with_kwargs=True)
+    lm.register_forward_hook(_logits_to_fp32)
 
 
 def apply(lm: LMModel, precision: str, device: str) -> str:
@@ -54,9 +93,12 @@ def apply(lm: LMModel, precision: str, device: str) -> str:
     if resolved == "autocast" and precision not in ("auto", "fp32"):
         log.warning("MUSICGEN_PRECISION=%s applies on CPU only; %s uses audiocraft's fp16 autocast", precision, device)
     if resolved == "bf16":
+        _to_bf16_with_fp32_positions(lm)
+    elif resolved == "bf16-autocast":
         for param in _matmul_weights(lm):
             param.data = param.data.to(torch.bfloat16)  # autocast leaves tensors already in bf16 as they are
-        lm.forward = _autocast_forward(lm.forward)
+        if type(lm) is LMModel:
+            lm.__class__ = _AutocastLM
     elif resolved == "int8-dynamic":
         # Only nn.Linear is quantized: audiocraft's fused attention input projections stay fp32.
         for name in ("transformer", "linears"):

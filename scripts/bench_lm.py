@@ -31,14 +31,18 @@ def audiocraft_variants() -> tp.Dict[str, LMModel]:
     fast_lm.install(cross, cross_kv_cache=True)
     both = _shared_copy(stock)
     fast_lm.install(both, cross_kv_cache=True, static_kv_cache=True)
+    autocast = copy.deepcopy(stock)
+    precision.apply(autocast, "bf16-autocast", "cpu")
+    fast_lm.install(autocast, cross_kv_cache=True, static_kv_cache=True)
     bf16 = copy.deepcopy(stock)
     precision.apply(bf16, "bf16", "cpu")
-    bf16_fast = _shared_copy(bf16)
+    bf16_fast = _shared_copy(bf16)  # shares the bf16 weights; hooks and class come along with the copy
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True)
     return {STOCK: stock, "fp32 + cross-KV cache": cross, "fp32 + cross-KV + static KV": both,
+            "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast,
             "int8-dynamic + cross-KV + static KV": int8}
 

@@ -103,8 +103,8 @@ def service_latencies(busy_tries: int, start_tries: int, disconnects: int, rss_r
     with Server() as server:
         server.wait()
         url = server.url
-        # A long generation holds the slot while the busy answers are timed.
-        holder = generate(url, {"description": "x", "duration": 60})
+        # A long generation holds the slot while the busy answers are timed (with MBD: ~20 s on the debug model).
+        holder = generate(url, {"description": "x", "duration": 60, "mbd": True})
         first = next(events(holder))
         assert first["event"] == "start", first
         drain = threading.Thread(target=lambda: list(events(holder)), daemon=True)

@@ -7,6 +7,7 @@ import typing as tp
 import pytest
 import torch
 from audiocraft.models import MusicGen
+from audiocraft.modules.transformer import create_sin_embedding
 
 from app import debug_models, fast_lm, precision
 from app.config import ConfigError, Settings
@@ -94,7 +95,7 @@ def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
-@pytest.mark.parametrize("name", ["bf16", "int8-dynamic"])
+@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic"])
 def test_lower_precision_stays_close_to_fp32(name):
     stock = musicgen(SMALL)
     reference = next_token_distributions(stock)
@@ -107,13 +108,26 @@ def test_lower_precision_stays_close_to_fp32(name):
     assert kl < 0.01 and agreement > 0.9, (kl, agreement)
 
 
-def test_bf16_keeps_positions_and_norms_in_fp32():
+def test_bf16_adds_positions_in_fp32():
+    """In bf16 a position like 1501 would be rounded to 1500 (8-bit mantissa): the layers must see the
+    fp32 sum of embeddings and positional embedding, rounded to bf16 once."""
     lm = musicgen().lm
-    precision.apply(lm, "bf16", "cpu")
+    reference = copy.deepcopy(lm)
+    assert precision.apply(lm, "bf16", "cpu") == "bf16"
     assert lm.transformer.layers[0].linear1.weight.dtype == torch.bfloat16
-    assert lm.transformer.layers[0].self_attn.in_proj_weight.dtype == torch.bfloat16
-    assert lm.transformer.layers[0].norm1.weight.dtype == torch.float32
-    assert lm.emb[0].weight.dtype == torch.float32  # the residual stream (and positions) stay fp32
+    assert lm.emb[0].weight.dtype == torch.float32
+    seen = []
+    lm.transformer.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    tokens = torch.randint(0, lm.card, (2, lm.num_codebooks, 1))
+    conditions = {"description": (torch.randn(2, 1, 16), torch.ones(2, 1))}
+    with torch.inference_mode(), lm.streaming():
+        lm.transformer._streaming_state["offsets"] = torch.tensor([1501, 1501])
+        logits = lm(tokens, [], condition_tensors=conditions)
+        x = sum(reference.emb[k](tokens[:, k]) for k in range(lm.num_codebooks))
+        positions = torch.full((1, 1, 1), 1501)
+        expected = x + create_sin_embedding(positions, x.shape[-1], reference.transformer.max_period)
+        assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], expected.to(torch.bfloat16))
+    assert logits.dtype == torch.float32
 
 
 def test_precision_setting_is_validated():
