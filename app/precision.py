@@ -27,8 +27,9 @@ __all__ = ["PRECISIONS", "apply", "resolve"]
 
 
 def resolve(precision: str, device: str) -> str:
-    """`auto`: bf16 where the CPU computes it natively (AVX512-BF16/AMX; measured drift is small,
-    see docs/benchmarks.md), else fp32. On CUDA: `autocast` (audiocraft's own fp16)."""
+    """`auto`: bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32; on CUDA `autocast`
+    (audiocraft's own fp16). bf16 is the fastest choice whose drift from fp32 is small (docs/benchmarks.md:
+    mean KL of next-token distributions ~4e-4 nats, top-1 agreement ~93% on near-flat random-weight ones)."""
     if not device.startswith("cpu"):
         return "autocast"
     if precision == "auto":

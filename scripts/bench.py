@@ -65,10 +65,14 @@ def main() -> None:
     results: tp.Dict[str, tp.Any] = {"machine": machine(), "quick": quick, "uptime": [uptime()]}
     print(json.dumps(results["machine"]), "\n", uptime(), flush=True)
 
+    partial = Path(ARGS.out) / "benchmarks.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+
     def section(name: str, fn: tp.Callable[[], tp.Any]) -> None:
         t = time.monotonic()
         results[name] = fn()
         results["uptime"].append(uptime())
+        partial.write_text(json.dumps(results, indent=1, default=str))  # kept if a later section fails
         print(f"== {name} ({time.monotonic() - t:.0f} s) {results['uptime'][-1]}", flush=True)
         print(json.dumps(results[name], default=str)[:1500], flush=True)
 
@@ -86,6 +90,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=1, default=str))
     write_report(results, out / "benchmarks.md", out / "benchmarks.png")
+    partial.unlink()
     print(f"wrote {out / 'benchmarks.md'} and benchmarks.png in {results['wall_seconds']} s")
 
 
