@@ -85,6 +85,8 @@ def _cross_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key: 
     # The conditioning is the same tensor object at every step of one generation; anything else recomputes.
     if state.get("cross_src") is not key:
         k, v = [rearrange(_project(self, key, part), f"b t (h d) -> {layout}", h=self.num_heads) for part in (1, 2)]
+        if self.attention_as_float32:
+            k, v = k.float(), v.float()
         state["cross_src"], state["cross_k"], state["cross_v"] = key, k, v
         self.cross_kv_computed += 1
     q = rearrange(_project(self, query, 0), f"b t (h d) -> {layout}", h=self.num_heads)
@@ -109,7 +111,9 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
         for name, x in (("static_k", k), ("static_v", v)):
             shape = list(x.shape)
             shape[time_dim] = capacity
-            buffer = x.new_empty(shape)
+            # With attention_as_float32 (bf16 weights, see app/precision.py) the cache is kept in fp32: each new
+            # row is converted once instead of the whole cache at every step.
+            buffer = x.new_empty(shape, dtype=torch.float32 if self.attention_as_float32 else x.dtype)
             if length:
                 buffer.narrow(time_dim, 0, length).copy_(state[name].narrow(time_dim, 0, length))
             state[name] = buffer

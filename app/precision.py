@@ -64,6 +64,11 @@ def _to_bf16_with_fp32_positions(lm: LMModel) -> None:
     for module in (transformer, lm.out_norm, lm.linears):
         if module is not None:
             module.to(torch.bfloat16)
+    for module in transformer.modules():
+        if isinstance(module, StreamingMultiheadAttention):
+            # Attention itself in fp32: torch's CPU attention kernels ran bf16 at half the speed of fp32 over long
+            # contexts, and the weights (what makes a step slow) are bf16 either way.
+            module.attention_as_float32 = True
     sin = transformer.positional_embedding in ("sin", "sin_rope")
     if sin:  # added in fp32 by the hook below instead; rope (if any) keeps its own path
         transformer.positional_embedding = "rope" if transformer.positional_embedding == "sin_rope" else "none"
