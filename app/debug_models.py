@@ -35,7 +35,7 @@ def compression_config(device: str = "cpu") -> tp.Dict[str, tp.Any]:
                     "causal": False, "renormalize": False},
         "seanet": {"dimension": CODEC_DIM, "channels": 1, "n_filters": 4, "n_residual_layers": 1,
                    "ratios": [10, 8, 16], "encoder": {}, "decoder": {}},
-        "rvq": {"n_q": 4, "bins": 400, "decay": 0.99, "kmeans_init": True, "kmeans_iters": 50,
+        "rvq": {"n_q": 4, "bins": 400, "decay": 0.99, "kmeans_init": True, "kmeans_iters": 1,
                 "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0,
                 "orthogonal_reg_active_codes_only": False, "q_dropout": False},
     }
