@@ -31,11 +31,14 @@ def create_app(settings: tp.Optional[Settings] = None,
         from .model import MusicModel
         load_model = functools.partial(MusicModel.load, settings.model, settings.device, settings.mbd_source,
                                        settings.mbd_preload)
-    service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds)
+    service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds,
+                                settings.idle_unload_seconds)
+    from . import api, auth, metrics
+    metrics.install(app, service)  # before start: the worker reports every job to it
     app.extensions["musicgen"] = service.start()
 
-    from . import api
     app.register_blueprint(api.bp)
+    auth.install(app, settings.auth_token)
     register_error_handlers(app)
     return app
 

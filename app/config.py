@@ -41,6 +41,13 @@ class Settings:
     retry_after_seconds: int = 5
     # MUSICGEN_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    # MUSICGEN_IDLE_UNLOAD_SECONDS: after this many seconds without a generation the model leaves the GPU
+    # (its memory is free for other work) and the next request loads it again; its `start` event waits for
+    # that, with keep-alives meanwhile. 0: never unload.
+    idle_unload_seconds: float = 0.0
+    # MUSICGEN_AUTH_TOKEN: when set, POST /api/v1/generate_music needs `Authorization: Bearer <token>` and
+    # answers 401 otherwise. Empty: no authentication, as the original clients expect.
+    auth_token: str = dataclasses.field(default="", repr=False)  # kept out of logs
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -53,6 +60,8 @@ class Settings:
             raise ConfigError("MUSICGEN_MAX_BODY_BYTES must be at least 1024")
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"MUSICGEN_NORMALIZE={self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+        if self.idle_unload_seconds < 0:
+            raise ConfigError("MUSICGEN_IDLE_UNLOAD_SECONDS must be 0 (never) or more")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
 
