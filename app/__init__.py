@@ -33,11 +33,12 @@ def create_app(settings: tp.Optional[Settings] = None,
                                        settings.mbd_preload)
     service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds,
                                 settings.idle_unload_seconds)
-    from . import api, auth, metrics
+    from . import api, auth, metrics, web
     metrics.install(app, service)  # before start: the worker reports every job to it
     app.extensions["musicgen"] = service.start()
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(web.bp)
     auth.install(app, settings.auth_token)
     register_error_handlers(app)
     return app

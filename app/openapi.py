@@ -1,0 +1,149 @@
+"""The OpenAPI 3.1 document of the API, built from the request schema the validator itself uses.
+
+`GenerateParams.model_json_schema()` is the request body's schema, so bounds and defaults in the
+document cannot drift from what the server accepts. The rest (events, errors, health) is written
+here once; tests check it against the real server.
+"""
+
+import copy
+import functools
+import importlib.metadata
+import typing as tp
+
+from .validation import GenerateParams
+
+REF = "#/components/schemas/{model}"
+JSON = "application/json"
+
+
+def _ref(name: str) -> tp.Dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _event(name: str, description: str, properties: tp.Optional[tp.Dict[str, tp.Any]] = None,
+           required: tp.Sequence[str] = ()) -> tp.Dict[str, tp.Any]:
+    """An SSE `data:` payload. Open to extra fields: the contract lets events carry more."""
+    return {
+        "type": "object",
+        "description": description,
+        "properties": {"event": {"const": name}, **(properties or {})},
+        "required": ["event", *required],
+    }
+
+
+_DESCRIBED = {
+    "sample_rate": {"type": "integer", "description": "Samples per second of the audio (32000)."},
+    "channels": {"type": "integer", "enum": [1, 2], "description": "1 for mono models, 2 for stereo ones."},
+    "duration": {"type": "integer", "description": "Requested length in seconds."},
+    "seed": {"type": "integer", "description": "The seed used; send it back to get the same audio."},
+}
+
+EVENTS = {
+    "StartEvent": _event("start", "Sent at once when the generation is accepted.", {
+        "model": {"type": "string"}, **_DESCRIBED, "mbd": {"type": "boolean"}}),
+    "ProgressEvent": _event("progress", "Share of the whole job done; never goes backwards.", {
+        "progress": {"type": "number", "minimum": 0, "maximum": 100}}, ["progress"]),
+    "CompletedEvent": _event("completed", "Terminal: the audio.", {
+        "audio": {"type": "string", "contentEncoding": "base64", "contentMediaType": "audio/wav",
+                  "description": "The clip as a base64 WAV file: 32000 Hz, 16-bit signed PCM."},
+        **_DESCRIBED}, ["audio"]),
+    "ErrorEvent": _event("error", "Terminal: the generation failed or was cancelled; the server serves the "
+                                  "next request.", {"message": {"type": "string"}}, ["message"]),
+}
+
+STREAM_DESCRIPTION = (
+    "Server-Sent Events. Every message is one line `data: <JSON>` followed by a blank line; the JSON is a "
+    "`StreamEvent`: one `start`, then `progress` events, then exactly one terminal `completed` or `error`, "
+    "then the stream ends. Between messages the server writes comment messages (`: keep-alive`), which "
+    "clients ignore. Closing the connection cancels the generation; the slot is free within 2 s.")
+
+
+def _error(description: str, headers: tp.Optional[tp.Dict[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
+    response: tp.Dict[str, tp.Any] = {"description": description,
+                                      "content": {JSON: {"schema": _ref("ErrorResponse")}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _request_schema() -> tp.Dict[str, tp.Any]:
+    schema = copy.deepcopy(GenerateParams.model_json_schema(ref_template=REF))
+    schema["properties"]["description"]["description"] += (
+        " Leading and trailing whitespace is trimmed before the length is checked.")
+    return schema
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("musicgen-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def document() -> tp.Dict[str, tp.Any]:
+    """The whole document (built once; callers must not mutate it)."""
+    generate = {
+        "operationId": "generateMusic",
+        "summary": "Generate music from a text description, streaming progress",
+        "description": "One generation at a time per process: a second request while one runs gets 503 at "
+                       "once (not queued). Answers other than 200 are plain JSON, never a stream. A body "
+                       "without `Content-Type: application/json` is still parsed as JSON.",
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref("GenerateParams")}}},
+        "responses": {
+            "200": {"description": STREAM_DESCRIPTION,
+                    "headers": {"Cache-Control": {"schema": {"const": "no-cache"}},
+                                "X-Accel-Buffering": {"schema": {"const": "no"}}},
+                    "content": {"text/event-stream": {
+                        "schema": {"type": "string", "description": "`data: <StreamEvent JSON>` messages."},
+                        "x-sse-data": _ref("StreamEvent"),
+                        "example": 'data: {"event": "start"}\n\ndata: {"event": "progress", "progress": 25.5}'
+                                   '\n\n: keep-alive\n\ndata: {"event": "completed", "audio": "UklGR..."}\n\n'}}},
+            "400": _error("The body is not valid JSON, not an object, or a field is invalid; the message "
+                          "names the field and the rule it broke."),
+            "413": _error("The body is larger than the configured limit (default 64 KiB)."),
+            "503": _error("Busy: another generation is running (with `Retry-After`); or the model failed "
+                          "to load (without it: retrying this backend will not help).",
+                          {"Retry-After": {"description": "Seconds to wait before trying again (when busy).",
+                                           "schema": {"type": "integer", "minimum": 0}}}),
+            "500": _error("Unexpected failure before streaming; details go to the server log."),
+            "default": _error("Any other error (404 unknown path, 405 wrong method), same shape."),
+        },
+    }
+    health = {
+        "summary": "State of the service; never blocked by a running generation",
+        "responses": {"200": {"description": "The state.", "content": {JSON: {"schema": _ref("Health")}}}},
+    }
+    schemas: tp.Dict[str, tp.Any] = {
+        "GenerateParams": _request_schema(),
+        **EVENTS,
+        "StreamEvent": {"oneOf": [_ref(name) for name in EVENTS],
+                        "discriminator": {"propertyName": "event", "mapping": {
+                            EVENTS[name]["properties"]["event"]["const"]: REF.format(model=name)
+                            for name in EVENTS}}},
+        "ErrorResponse": {"type": "object", "required": ["event", "message"], "properties": {
+            "event": {"const": "error"}, "message": {"type": "string"}}},
+        "Health": {"type": "object", "required": ["status"], "properties": {
+            "status": {"enum": ["loading", "ready", "busy", "failed"]},
+            "model": {"type": "string"},
+            "device": {"type": ["string", "null"]},
+            "sample_rate": {"type": ["integer", "null"]},
+            "channels": {"type": ["integer", "null"]},
+            "error": {"type": ["string", "null"], "description": "Why the model failed to load."},
+            "uptime_seconds": {"type": "number"}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MusicGen text-to-music API", "version": _version(),
+                 "description": "Text-to-music with MusicGen; progress streamed as Server-Sent Events. "
+                                "Audio is WAV, 32000 Hz, 16-bit PCM, mono or stereo as the model gives."},
+        "paths": {
+            "/api/v1/generate_music": {"post": generate},
+            "/health": {"get": {**health, "operationId": "health"}},
+            "/api/v1/health": {"get": {**health, "operationId": "healthV1"}},
+            "/api/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
+                                             "responses": {"200": {"description": "OpenAPI 3.1 document.",
+                                                                   "content": {JSON: {}}}}}},
+        },
+        "components": {"schemas": schemas},
+    }

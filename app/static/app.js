@@ -1,0 +1,243 @@
+// The try-it page: builds the form from the OpenAPI document (the validator's own defaults and ranges),
+// POSTs with fetch and reads the Server-Sent Events from the response body, as the original document's
+// JavaScript client does. Cancel aborts the fetch; the server notices the closed connection and stops.
+'use strict';
+
+const API = '/api/v1/generate_music';
+const BASIC = ['duration', 'mbd']; // everything else goes under "Advanced settings"
+const LABELS = {
+  duration: 'Duration (seconds)', mbd: 'MultiBand Diffusion decoder', top_k: 'Top-k', top_p: 'Top-p',
+  temperature: 'Temperature', cfg_coef: 'Guidance (cfg_coef)', seed: 'Seed',
+};
+
+const $ = (id) => document.getElementById(id);
+let schema = null; // GenerateParams from the OpenAPI document
+let controller = null; // AbortController of the running request
+let audioUrl = null;
+
+function setState(state) {
+  document.body.dataset.state = state; // idle, running, done, error, busy, cancelled (tests wait on it)
+}
+
+// A field's JSON Schema, with `anyOf: [X, {type: null}]` (optional values such as seed) unwrapped.
+function unwrap(prop) {
+  const variant = (prop.anyOf || []).find((s) => s.type !== 'null');
+  return variant ? { ...prop, ...variant, optional: true } : prop;
+}
+
+function hint(prop) {
+  const parts = [];
+  if (prop.type === 'boolean') return ''; // the checkbox shows its default
+  if (prop.default !== undefined && prop.default !== null) parts.push(`Default ${prop.default}`);
+  else if (prop.optional) parts.push('Empty: random');
+  if (prop.minimum !== undefined && prop.maximum !== undefined) parts.push(`range ${prop.minimum}–${prop.maximum}`);
+  return parts.join(', ') + '.';
+}
+
+function buildField(name, raw) {
+  const prop = unwrap(raw);
+  const box = document.createElement('div');
+  box.className = 'field';
+  const label = document.createElement('label');
+  const input = document.createElement('input');
+  input.id = input.name = name;
+  input.dataset.type = prop.type;
+  if (prop.type === 'boolean') {
+    box.classList.add('checkbox');
+    input.type = 'checkbox';
+    input.checked = prop.default === true;
+    label.append(input, LABELS[name] || prop.title || name);
+    box.append(label);
+  } else {
+    input.type = 'number';
+    input.inputMode = prop.type === 'integer' ? 'numeric' : 'decimal';
+    input.step = prop.type === 'integer' ? '1' : 'any';
+    if (prop.minimum !== undefined) input.min = prop.minimum;
+    if (prop.maximum !== undefined) input.max = prop.maximum;
+    if (prop.default !== undefined && prop.default !== null) input.value = prop.default;
+    if (prop.optional) input.placeholder = 'random';
+    label.htmlFor = name;
+    label.textContent = LABELS[name] || prop.title || name;
+    box.append(label, input);
+  }
+  const small = document.createElement('small');
+  small.className = 'hint';
+  small.textContent = [prop.description || raw.description, hint(prop)].filter(Boolean).join(' ');
+  box.append(small);
+  return box;
+}
+
+async function loadForm() {
+  const response = await fetch('/api/v1/openapi.json');
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  schema = (await response.json()).components.schemas.GenerateParams;
+  const description = schema.properties.description;
+  $('description').maxLength = description.maxLength;
+  for (const [name, prop] of Object.entries(schema.properties)) {
+    if (name === 'description') continue;
+    $(BASIC.includes(name) ? 'basic' : 'advanced').append(buildField(name, prop));
+  }
+}
+
+// The request body: what the form says; an empty number field is left out (the server's default).
+function body() {
+  const params = { description: $('description').value };
+  for (const input of document.querySelectorAll('.fields input')) {
+    if (input.type === 'checkbox') params[input.name] = input.checked;
+    else if (input.value !== '') params[input.name] = Number(input.value);
+  }
+  return params;
+}
+
+function show(text, kind, offerRetry = false) {
+  const box = $('message');
+  box.textContent = text;
+  box.className = kind;
+  box.hidden = false;
+  $('retry').hidden = !offerRetry;
+}
+
+function setProgress(percent) {
+  $('progress').value = percent;
+  $('progress-text').textContent = `${percent.toFixed(1)}%`;
+}
+
+function setRunning(running) {
+  $('generate').disabled = running;
+  $('cancel').hidden = !running;
+  $('description').readOnly = running;
+}
+
+// Parse one SSE message as the original client does; comment messages (`: keep-alive`) give null.
+function parseMessage(message) {
+  if (!message.startsWith('data: ')) return null;
+  return JSON.parse(message.substring(6));
+}
+
+// Reads the stream until its terminal event, which it returns; throws when the stream ends without one.
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = ''; // the server frames messages with `\n\n`
+  while (true) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    const messages = buffer.split('\n\n');
+    buffer = messages.pop() || '';
+    for (const message of messages) {
+      const event = parseMessage(message);
+      if (!event) continue;
+      onEvent(event);
+      if (event.event === 'completed' || event.event === 'error') return event;
+    }
+  }
+  throw new Error('the connection closed before the generation finished');
+}
+
+async function showHttpError(response) {
+  let message = `HTTP ${response.status}`;
+  try {
+    message = (await response.json()).message || message;
+  } catch (e) { /* not our JSON: keep the status */ }
+  const retryAfter = response.headers.get('Retry-After');
+  if (response.status === 503 && retryAfter !== null) {
+    setState('busy');
+    show(`The server is busy with another generation. Try again in ${retryAfter} s.`, 'busy', true);
+  } else if (response.status === 400 || response.status === 413) {
+    setState('error');
+    show(`The server rejected the request: ${message}`, 'error');
+  } else {
+    setState('error');
+    show(`The server could not generate (${response.status}): ${message}`, 'error', true);
+  }
+}
+
+function base64ToBlob(base64, type) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type });
+}
+
+function showAudio(event) {
+  if (audioUrl) URL.revokeObjectURL(audioUrl);
+  audioUrl = URL.createObjectURL(base64ToBlob(event.audio, 'audio/wav'));
+  $('audio').src = audioUrl;
+  $('download').href = audioUrl;
+  $('download').download = `musicgen-${event.seed ?? 'clip'}.wav`;
+  const channels = event.channels === 2 ? 'stereo' : 'mono';
+  $('result-info').textContent = `${event.duration} s · ${channels} · seed ${event.seed}`;
+  $('result').hidden = false;
+}
+
+function onEvent(event) {
+  if (event.event === 'start') {
+    setProgress(0);
+    show(`Generating${event.seed !== undefined ? ` (seed ${event.seed})` : ''}…`, 'info');
+  } else if (event.event === 'progress') {
+    setProgress(event.progress);
+  }
+}
+
+async function generate() {
+  if (controller) return;
+  controller = new AbortController();
+  const started = performance.now();
+  setState('running');
+  setRunning(true);
+  setProgress(0);
+  $('progress-box').hidden = false;
+  $('result').hidden = true;
+  show('Sending the request…', 'info');
+  try {
+    const response = await fetch(API, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
+      body: JSON.stringify(body()),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      $('progress-box').hidden = true;
+      await showHttpError(response);
+      return;
+    }
+    const last = await readEvents(response, onEvent);
+    if (last.event === 'completed') {
+      setProgress(100);
+      showAudio(last);
+      show(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`, 'ok');
+      setState('done');
+    } else {
+      show(`The generation failed: ${last.message || 'unknown error'}`, 'error', true);
+      setState('error');
+    }
+  } catch (e) {
+    if (e.name === 'AbortError') {
+      show('Cancelled: the server stopped working on it.', 'info');
+      setState('cancelled');
+    } else {
+      show(`Could not reach the server: ${e.message}. Check the connection and try again.`, 'error', true);
+      setState('error');
+    }
+  } finally {
+    controller = null;
+    setRunning(false);
+  }
+}
+
+function init() {
+  $('form').addEventListener('submit', (e) => { e.preventDefault(); generate(); });
+  $('retry').addEventListener('click', generate);
+  $('cancel').addEventListener('click', () => controller && controller.abort());
+  $('description').addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
+  });
+  loadForm().then(() => {
+    $('generate').disabled = false;
+    setState('idle');
+  }).catch((e) => {
+    show(`Could not load the form from the server (${e.message}); reload the page to try again.`, 'error');
+    setState('error');
+  });
+}
+
+document.addEventListener('DOMContentLoaded', init);

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Generate music with the MusicGen service from the command line: progress bar on stderr, WAV to a file.
+
+Standard library only (Python 3.8+), so it can be copied anywhere; installed with the package as
+`musicgen-generate`. Example:
+
+    musicgen-generate "lo-fi beat with mellow piano" --duration 10 -o beat.wav --url http://127.0.0.1:5555
+
+Exit codes:
+    0    the WAV was saved
+    1    server error: a 5xx answer, an `error` event (e.g. out of GPU memory), a broken stream
+    2    bad request: invalid flags, or the server answered 400/413 (its message is printed)
+    3    busy: the server answered 503 with Retry-After (after the --retry attempts, if any)
+    4    network error: cannot connect, connection lost, or no data for --timeout seconds
+    130  interrupted with Ctrl-C: the connection is closed, which cancels the generation on the server
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import sys
+import time
+import typing as tp
+import urllib.parse
+
+EXIT_OK, EXIT_SERVER, EXIT_BAD_REQUEST, EXIT_BUSY, EXIT_NETWORK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+PATH = "/api/v1/generate_music"
+
+# The request's optional fields: (name, type, server default, minimum, maximum, help). They mirror
+# app.validation.GenerateParams (tests/test_cli.py checks they agree); this file must not import the app.
+PARAMETERS = [
+    ("duration", int, 30, 1, 60, "length of the clip in seconds"),
+    ("mbd", bool, False, None, None, "decode with MultiBand Diffusion instead of the EnCodec decoder"),
+    ("top_k", int, 250, 0, 2048, "sample from the k likeliest tokens (0 disables)"),
+    ("top_p", float, 0.0, 0.0, 1.0, "nucleus sampling; when > 0 it overrides top_k"),
+    ("temperature", float, 1.0, 0.0, 10.0, "softmax temperature; 0 is greedy decoding"),
+    ("cfg_coef", float, 3.0, 0.0, 30.0, "classifier-free guidance coefficient"),
+    ("seed", int, None, 0, 2**32 - 1, "same seed, same audio"),
+]
+MAX_DESCRIPTION_CHARS = 2000
+
+
+class Failure(Exception):
+    """Ends the program with `code` after printing the message."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _ranged(kind: tp.Callable[[str], tp.Any], low: tp.Any, high: tp.Any) -> tp.Callable[[str], tp.Any]:
+    def convert(text: str) -> tp.Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+        if not low <= value <= high:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+    return convert
+
+
+def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="musicgen-generate", description="Generate music with a MusicGen service and save it as WAV.",
+        epilog="Exit codes: 0 saved, 1 server error, 2 bad request, 3 busy, 4 network error, 130 interrupted.")
+    parser.add_argument("description", help=f"what the music should sound like (at most {MAX_DESCRIPTION_CHARS} "
+                                            "characters)")
+    for name, kind, default, low, high, text in PARAMETERS:
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+        else:
+            shown = "random" if default is None else default
+            parser.add_argument(flag, dest=name, type=_ranged(kind, low, high), metavar=kind.__name__.upper(),
+                                help=f"{text}; {low} to {high} (server default: {shown})")
+    parser.add_argument("-o", "--output", help="where to save the WAV; `-` for stdout "
+                                               "(default: musicgen-SEED.wav in the current directory)")
+    parser.add_argument("--url", default=os.environ.get("MUSICGEN_URL", "http://127.0.0.1:5555"),
+                        help="the service (default: $MUSICGEN_URL or http://127.0.0.1:5555)")
+    parser.add_argument("--retry", type=int, default=0, metavar="N",
+                        help="when the server is busy, try again up to N times, waiting Retry-After seconds, "
+                             "doubled after each attempt (default: 0)")
+    parser.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
+                        help="give up when the server sends nothing for this long (default: 60; it sends a "
+                             "keep-alive every 0.5 s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr, only errors")
+    args = parser.parse_args(argv)
+    if not args.description.strip():
+        parser.error("the description must not be empty")
+    if args.retry < 0:
+        parser.error("--retry must be 0 or more")
+    return args
+
+
+def request_body(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
+    """The flags given; the server applies its own defaults to the rest."""
+    body = {"description": args.description}
+    body.update({name: getattr(args, name) for name, *_ in PARAMETERS if getattr(args, name) is not None})
+    return body
+
+
+class ProgressBar:
+    """A redrawn bar on a terminal; one line per 10% elsewhere (logs, CI); nothing when quiet."""
+
+    def __init__(self, stream: tp.TextIO, quiet: bool):
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = stream.isatty()
+        self.shown = -1.0
+
+    def update(self, percent: float) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            filled = int(percent * 0.3)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {percent:5.1f}%")
+            self.stream.flush()
+        elif int(percent // 10) > int(self.shown // 10) or (percent >= 100 > self.shown):
+            self.stream.write(f"progress {percent:.1f}%\n")
+            self.stream.flush()
+        self.shown = percent
+
+    def end(self) -> None:
+        if self.tty and self.shown >= 0 and not self.quiet:
+            self.stream.write("\n")
+            self.shown = -1.0
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def events(response: http.client.HTTPResponse) -> tp.Iterator[tp.Dict[str, tp.Any]]:
+    """The `data:` events of an SSE stream; comment messages (keep-alives) are skipped."""
+    lines: tp.List[str] = []
+    while True:
+        raw = response.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if line:
+            lines.append(line)
+            continue
+        message, lines = lines, []
+        for item in message:
+            if item.startswith("data:"):
+                yield json.loads(item[5:].strip())
+
+
+def _answer_message(response: http.client.HTTPResponse) -> str:
+    text = response.read(65536).decode("utf-8", "replace")
+    try:
+        return json.loads(text)["message"]
+    except (ValueError, KeyError, TypeError):
+        return text.strip()[:500] or response.reason
+
+
+def attempt(args: argparse.Namespace, bar: ProgressBar) -> tp.Tuple[tp.Optional[float], tp.Dict[str, tp.Any]]:
+    """One request: (None, completed event), or (seconds to wait, {}) when busy; raises Failure otherwise."""
+    url = urllib.parse.urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise Failure(EXIT_BAD_REQUEST, f"--url must be http(s)://host[:port], not {args.url!r}")
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = kind(url.hostname, url.port, timeout=args.timeout)
+    try:
+        conn.request("POST", url.path.rstrip("/") + PATH, body=json.dumps(request_body(args)).encode(),
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        response = conn.getresponse()
+        if response.status == 503 and response.getheader("Retry-After") is not None:
+            retry_after = response.getheader("Retry-After", "")
+            say(args, f"busy: {_answer_message(response)}")
+            return float(retry_after) if retry_after.isdigit() else 5.0, {}
+        if 400 <= response.status < 500:  # 400 invalid, 413 too large; 404/405: --url is wrong
+            raise Failure(EXIT_BAD_REQUEST, f"bad request ({response.status}): {_answer_message(response)}")
+        if response.status != 200:
+            raise Failure(EXIT_SERVER, f"server error ({response.status}): {_answer_message(response)}")
+        for event in events(response):
+            if event.get("event") == "start":
+                say(args, f"generating {event.get('duration', '?')} s, seed {event.get('seed', '?')}")
+            elif event.get("event") == "progress":
+                bar.update(float(event.get("progress", 0)))
+            elif event.get("event") == "completed":
+                bar.update(100.0)
+                bar.end()
+                return None, event
+            elif event.get("event") == "error":
+                bar.end()
+                raise Failure(EXIT_SERVER, f"generation failed: {event.get('message', 'unknown error')}")
+        raise Failure(EXIT_NETWORK, "the connection closed before the generation finished")
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, garbled
+        bar.end()
+        raise Failure(EXIT_NETWORK, f"network error talking to {args.url}: {e or type(e).__name__}") from None
+    except ValueError as e:  # a data: line that is not JSON
+        raise Failure(EXIT_SERVER, f"server sent a malformed event: {e}") from None
+    finally:
+        conn.close()  # also what cancels the generation when we leave early (Ctrl-C)
+
+
+def save(args: argparse.Namespace, event: tp.Dict[str, tp.Any]) -> str:
+    audio = base64.b64decode(event["audio"])
+    if args.output == "-":
+        sys.stdout.buffer.write(audio)
+        sys.stdout.buffer.flush()
+        return "stdout"
+    path = args.output or f"musicgen-{event.get('seed', 'clip')}.wav"
+    partial = path + ".part"  # never leave a half-written WAV under the real name
+    with open(partial, "wb") as f:
+        f.write(audio)
+    os.replace(partial, path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    bar = ProgressBar(sys.stderr, args.quiet)
+    for attempt_number in range(args.retry + 1):
+        wait, completed = attempt(args, bar)
+        if wait is None:
+            where = save(args, completed)
+            channels = {1: "mono", 2: "stereo"}.get(completed.get("channels"), "?")
+            say(args, f"saved {where} ({completed.get('duration', '?')} s, {completed.get('sample_rate', '?')} Hz, "
+                      f"{channels}, seed {completed.get('seed', '?')})")
+            return EXIT_OK
+        if attempt_number < args.retry:
+            delay = min(wait * 2 ** attempt_number, 300)
+            say(args, f"retrying in {delay:g} s ({attempt_number + 1}/{args.retry})")
+            time.sleep(delay)
+    raise Failure(EXIT_BUSY, "the server is busy with another generation; try again later (or use --retry)")
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except Failure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        # The connection is already closed (attempt's finally): the server stops within 2 s.
+        print("\ninterrupted: the generation was cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

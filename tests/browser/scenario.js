@@ -1,0 +1,177 @@
+// Drives Debian's Chromium (headless, never a downloaded browser) through one scenario on the web page
+// and prints what it saw as one JSON object on stdout; tests/test_web.py runs it and judges the result.
+//
+// usage: node scenario.js SCENARIO BASE_URL ARTIFACTS_DIR
+//   generate  generate a 3 s clip: progress values seen, the <audio> duration, the WAV's header; screenshots
+//   invalid   a whitespace-only description: the 400 message
+//   cancel    start a 60 s MBD generation, cancel it, time until /health says ready again
+//   busy      (another generation runs) the busy message; once the server is free, Retry generates a clip
+'use strict';
+
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { chromium } = require('playwright-core');
+
+const [scenario, baseUrl, artifacts] = process.argv.slice(2);
+const EXECUTABLE = process.env.CHROMIUM || '/usr/bin/chromium';
+
+async function launch() {
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'musicgen-chromium-'));
+  // A persistent context is how playwright takes a --user-data-dir: a fresh one per run.
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: EXECUTABLE,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 900, height: 900 },
+  });
+  return { context, profile };
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function health() {
+  try {
+    return (await (await fetch(`${baseUrl}/health`)).json()).status;
+  } catch (e) {
+    return `unreachable: ${e.message}`;
+  }
+}
+
+// Record every distinct value the progress bar shows, sampled in the page itself.
+async function watchProgress(page) {
+  await page.evaluate(() => {
+    window.seenProgress = [];
+    const bar = document.getElementById('progress');
+    setInterval(() => {
+      const seen = window.seenProgress;
+      if (seen[seen.length - 1] !== bar.value) seen.push(bar.value);
+    }, 20);
+  });
+}
+
+async function openPage(context) {
+  const page = await context.newPage();
+  const consoleErrors = [];
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
+  page.on('pageerror', (e) => consoleErrors.push(String(e)));
+  await page.goto(baseUrl + '/');
+  await page.waitForSelector('body[data-state="idle"]', { timeout: 30000 });
+  return { page, consoleErrors };
+}
+
+async function finished(page, timeout = 120000) {
+  await page.waitForSelector('body:not([data-state="running"])', { timeout });
+  return page.evaluate(() => ({
+    state: document.body.dataset.state,
+    message: document.getElementById('message').textContent,
+    retryVisible: !document.getElementById('retry').hidden,
+  }));
+}
+
+// What the finished page offers: the <audio> element's duration and the downloadable blob's header.
+async function audioResult(page) {
+  await page.waitForFunction(() => document.getElementById('audio').readyState >= 1, null, { timeout: 10000 });
+  return page.evaluate(async () => {
+    const link = document.getElementById('download');
+    const bytes = new Uint8Array(await (await fetch(link.href)).arrayBuffer());
+    const ascii = (from, to) => String.fromCharCode(...bytes.slice(from, to));
+    return {
+      audioDuration: document.getElementById('audio').duration,
+      riff: ascii(0, 4),
+      wave: ascii(8, 12),
+      bytes: bytes.length,
+      downloadName: link.download,
+      resultInfo: document.getElementById('result-info').textContent,
+    };
+  });
+}
+
+async function generateScenario(context) {
+  const { page, consoleErrors } = await openPage(context);
+  const form = await page.evaluate(() => [...document.querySelectorAll('.fields input')].map((i) => ({
+    name: i.name, type: i.type, min: i.min, max: i.max, value: i.type === 'checkbox' ? i.checked : i.value,
+    advanced: !!i.closest('details'),
+  })));
+  await page.fill('#description', 'calm piano with soft strings');
+  await page.fill('#duration', '3');
+  await page.click('summary');
+  await page.fill('#seed', '1234');
+  await watchProgress(page);
+  await page.click('#generate');
+  const outcome = await finished(page);
+  const audio = outcome.state === 'done' ? await audioResult(page) : null;
+  const progress = await page.evaluate(() => window.seenProgress);
+  await page.screenshot({ path: path.join(artifacts, 'web-desktop.png'), fullPage: true });
+  // The README's picture (docs/web-page.png is a copy): a finished clip, advanced settings folded.
+  await page.click('summary');
+  await page.setViewportSize({ width: 720, height: 600 });
+  await page.screenshot({ path: path.join(artifacts, 'web-readme.png'), fullPage: true });
+  await page.setViewportSize({ width: 375, height: 800 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  await page.screenshot({ path: path.join(artifacts, 'web-phone.png'), fullPage: true });
+  return { form, outcome, audio, progress, phoneOverflowPx: overflow, consoleErrors };
+}
+
+async function invalidScenario(context) {
+  const { page } = await openPage(context);
+  await page.fill('#description', '   ');
+  await page.click('#generate');
+  return { outcome: await finished(page, 10000) };
+}
+
+async function cancelScenario(context) {
+  const { page } = await openPage(context);
+  await page.fill('#description', 'a long one');
+  await page.fill('#duration', '60');
+  await page.check('#mbd');
+  await page.click('#generate');
+  // Cancel once the server is visibly working on it.
+  await page.waitForFunction(() => document.getElementById('progress').value > 1, null, { timeout: 60000 });
+  const progressAtCancel = await page.evaluate(() => document.getElementById('progress').value);
+  const busyBefore = await health();
+  const clicked = Date.now();
+  await page.click('#cancel');
+  const outcome = await finished(page, 10000);
+  let status = await health();
+  while (status !== 'ready' && Date.now() - clicked < 10000) {
+    await sleep(50);
+    status = await health();
+  }
+  return { progressAtCancel, busyBefore, outcome, readyAfterMs: Date.now() - clicked, finalHealth: status };
+}
+
+async function busyScenario(context) {
+  const { page } = await openPage(context);
+  await page.fill('#description', 'second in line');
+  await page.fill('#duration', '2');
+  await page.click('#generate');
+  const busy = await finished(page, 10000);
+  await page.screenshot({ path: path.join(artifacts, 'web-busy.png'), fullPage: true });
+  const waitStart = Date.now();
+  while ((await health()) !== 'ready' && Date.now() - waitStart < 120000) await sleep(100);
+  await page.click('#retry');
+  const retried = await finished(page);
+  return { busy, retried, audio: retried.state === 'done' ? await audioResult(page) : null };
+}
+
+const SCENARIOS = { generate: generateScenario, invalid: invalidScenario, cancel: cancelScenario, busy: busyScenario };
+
+async function main() {
+  if (!SCENARIOS[scenario]) throw new Error(`unknown scenario ${scenario}`);
+  fs.mkdirSync(artifacts, { recursive: true });
+  const { context, profile } = await launch();
+  try {
+    const result = await SCENARIOS[scenario](context);
+    process.stdout.write(JSON.stringify(result) + '\n');
+  } finally {
+    await context.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  process.stderr.write(`${e.stack || e}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,123 @@
+"""The command-line client (scripts/generate_music.py) against a real server, run as users run it."""
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import threading
+import time
+import typing as tp
+
+import pytest
+
+from app.validation import MAX_DESCRIPTION_CHARS, GenerateParams
+from tests.helpers import ROOT, Server, events, free_port, generate, wav_info
+
+CLI = ROOT / "scripts" / "generate_music.py"
+
+
+def cli(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    # -I: isolated from the project and the venv's site-packages; it needs the standard library only.
+    return subprocess.run([sys.executable, "-I", str(CLI), "--url", url, *args], capture_output=True,
+                          timeout=timeout)
+
+
+def load_cli() -> tp.Any:
+    spec = importlib.util.spec_from_file_location("generate_music", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flags_mirror_the_validator():
+    module = load_cli()
+    assert module.MAX_DESCRIPTION_CHARS == MAX_DESCRIPTION_CHARS
+    fields = dict(GenerateParams.model_fields)
+    assert fields.pop("description").is_required()
+    assert [p[0] for p in module.PARAMETERS] == list(fields)
+    for name, kind, default, low, high, _ in module.PARAMETERS:
+        field = fields[name]
+        assert field.default == default, name
+        bounds = {k: getattr(rule, k) for rule in field.metadata for k in ("ge", "le") if hasattr(rule, k)}
+        assert (bounds.get("ge"), bounds.get("le")) == (low, high), name
+        assert kind in tp.get_args(field.annotation) + (field.annotation,), name
+
+
+def test_generates_a_wav_with_progress(idle_server, tmp_path):
+    out = tmp_path / "clip.wav"
+    done = cli(idle_server.url, "calm piano", "--duration", "3", "--seed", "42", "--top-k", "50", "-o", str(out))
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert wav_info(out.read_bytes())[:3] == (32000, 2, 1)
+    assert abs(wav_info(out.read_bytes())[3] - 3) < 0.05
+    progress = [line for line in stderr.splitlines() if line.startswith("progress ")]
+    assert len(progress) >= 5 and progress[-1] == "progress 100.0%", stderr  # a line per 10% off a terminal
+    assert "seed 42" in stderr and f"saved {out}" in stderr
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_bad_request_exits_2(idle_server, tmp_path):
+    too_long = cli(idle_server.url, "x" * (MAX_DESCRIPTION_CHARS + 1), "-o", str(tmp_path / "a.wav"))
+    assert too_long.returncode == 2
+    assert b"bad request (400): description: at most 2000 characters" in too_long.stderr
+    too_large = cli(idle_server.url, "x" * 70000)
+    assert too_large.returncode == 2 and b"bad request (413)" in too_large.stderr
+    out_of_range = cli(idle_server.url, "piano", "--duration", "61")  # refused before sending anything
+    assert out_of_range.returncode == 2 and b"must be between 1 and 60" in out_of_range.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_network_error_exits_4():
+    done = cli(f"http://127.0.0.1:{free_port()}", "piano")
+    assert done.returncode == 4 and b"network error" in done.stderr
+
+
+def test_busy_exits_3_and_retry_waits_its_turn(idle_server, tmp_path):
+    with generate(idle_server.url, {"description": "first", "duration": 6}) as first:
+        assert first.status_code == 200
+        kinds: tp.List[str] = []
+        reader = threading.Thread(target=lambda: kinds.extend(e["event"] for e in events(first)))
+        reader.start()
+        busy = cli(idle_server.url, "second", "--duration", "1")
+        assert busy.returncode == 3 and b"busy" in busy.stderr
+        # Retry-After is 5 s; the first clip takes a few seconds here, so a retry or two gets the slot.
+        retried = cli(idle_server.url, "second", "--duration", "1", "--retry", "4", "-o", "-")
+        reader.join(timeout=60)
+    assert retried.returncode == 0, retried.stderr.decode()
+    assert b"retrying in 5 s (1/4)" in retried.stderr
+    assert kinds[-1] == "completed"
+    assert wav_info(retried.stdout)[3] == 1  # `-o -`: the WAV on stdout
+
+
+def test_ctrl_c_cancels_and_frees_the_server(idle_server, tmp_path):
+    # Without mbd: the first `mbd` request loads MBD, a phase the server cannot interrupt.
+    process = subprocess.Popen([sys.executable, "-I", str(CLI), "--url", idle_server.url, "long one",
+                                "--duration", "60", "-o", str(tmp_path / "c.wav")],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr.readline().startswith("generating 60 s")  # the start event arrived
+        assert idle_server.health()["status"] == "busy"
+        process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        assert process.wait(timeout=10) == 130
+        idle_server.wait(timeout=2)  # /health says ready within 2 s
+        assert time.monotonic() - interrupted < 2
+    finally:
+        process.kill()
+    assert "interrupted: the generation was cancelled" in process.stderr.read()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def server_without_mbd(tmp_path_factory):
+    """A server whose MBD weights are missing: an `mbd` request fails after the stream started."""
+    with Server(env={"MUSICGEN_MBD_MODEL": str(tmp_path_factory.mktemp("no-mbd"))}) as server:
+        server.wait()
+        yield server
+
+
+def test_error_event_exits_1(server_without_mbd, tmp_path):
+    done = cli(server_without_mbd.url, "piano", "--duration", "1", "--mbd", "-o", str(tmp_path / "d.wav"))
+    assert done.returncode == 1
+    assert b"generation failed: could not load MultiBand Diffusion" in done.stderr
+    assert not list(tmp_path.iterdir())

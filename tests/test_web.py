@@ -1,0 +1,103 @@
+"""The web page at `/` in a real browser: Debian's Chromium, driven by tests/browser/scenario.js.
+
+Skipped (with the reason) where node, the npm packages or /usr/bin/chromium are missing: `scripts/test`
+installs them where it can.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import typing as tp
+
+import pytest
+import requests
+
+from tests.helpers import ARTIFACTS, ROOT, events, generate
+
+BROWSER_DIR = ROOT / "tests" / "browser"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def _missing() -> tp.Optional[str]:
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed (scripts/test runs `npm ci` in tests/browser)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing (Debian package chromium)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+def run_scenario(name: str, url: str, timeout: float = 300) -> tp.Dict[str, tp.Any]:
+    done = subprocess.run(["node", str(BROWSER_DIR / "scenario.js"), name, url, str(ARTIFACTS)],
+                          capture_output=True, text=True, timeout=timeout, cwd=BROWSER_DIR)
+    assert done.returncode == 0, f"scenario {name} failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_page_and_static_files_are_served(idle_server):
+    page = requests.get(idle_server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    for path in ("/static/app.js", "/static/style.css"):
+        assert requests.get(idle_server.url + path, timeout=10).status_code == 200, path
+    # Nothing from elsewhere: the page must work offline.
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_generate_shows_progress_and_a_playable_wav(idle_server):
+    result = run_scenario("generate", idle_server.url)
+    assert result["consoleErrors"] == []
+    # The form is built from the validator's schema: defaults, ranges, and the advanced ones folded away.
+    form = {field["name"]: field for field in result["form"]}
+    assert list(form) == ["duration", "mbd", "top_k", "top_p", "temperature", "cfg_coef", "seed"]
+    assert (form["duration"]["min"], form["duration"]["max"], form["duration"]["value"]) == ("1", "60", "30")
+    assert form["mbd"]["value"] is False and not form["mbd"]["advanced"]
+    assert (form["top_k"]["value"], form["top_k"]["max"]) == ("250", "2048") and form["top_k"]["advanced"]
+    assert form["seed"]["value"] == "" and form["seed"]["max"] == str(2**32 - 1)
+
+    assert result["outcome"]["state"] == "done", result["outcome"]
+    progress = result["progress"]
+    assert len(set(progress) - {0, 100}) >= 3, progress  # the bar moved through several values
+    assert progress == sorted(progress) and progress[-1] == 100
+    audio = result["audio"]
+    assert (audio["riff"], audio["wave"]) == ("RIFF", "WAVE")
+    assert abs(audio["audioDuration"] - 3) < 0.1  # Chromium decoded it: playable
+    assert audio["bytes"] == 44 + 3 * 32000 * 2
+    assert audio["downloadName"] == "musicgen-1234.wav" and "seed 1234" in audio["resultInfo"]
+    assert result["phoneOverflowPx"] <= 0  # nothing sticks out sideways at phone width
+    assert (ARTIFACTS / "web-desktop.png").stat().st_size > 0 and (ARTIFACTS / "web-phone.png").exists()
+
+
+def test_bad_request_message(idle_server):
+    outcome = run_scenario("invalid", idle_server.url)["outcome"]
+    assert outcome["state"] == "error"
+    assert outcome["message"] == "The server rejected the request: description: must not be empty"
+    assert not outcome["retryVisible"]
+
+
+def test_cancel_frees_the_server(idle_server):
+    result = run_scenario("cancel", idle_server.url)
+    assert result["busyBefore"] == "busy" and result["progressAtCancel"] < 50
+    assert result["outcome"]["state"] == "cancelled", result["outcome"]
+    assert result["finalHealth"] == "ready" and result["readyAfterMs"] < 2000, result
+
+
+def test_busy_message_then_retry(idle_server):
+    # Another client holds the slot: a 10 s clip takes the debug model several seconds here.
+    with generate(idle_server.url, {"description": "first", "duration": 10}) as first:
+        assert first.status_code == 200
+        kinds: tp.List[str] = []
+        reader = threading.Thread(target=lambda: kinds.extend(e["event"] for e in events(first)))
+        reader.start()
+        result = run_scenario("busy", idle_server.url)
+        reader.join(timeout=120)
+    assert kinds[-1] == "completed"
+    busy = result["busy"]
+    assert busy["state"] == "busy" and busy["retryVisible"]
+    assert busy["message"].startswith("The server is busy with another generation. Try again in ")
+    assert result["retried"]["state"] == "done" and result["audio"]["riff"] == "RIFF"
