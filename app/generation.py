@@ -48,24 +48,51 @@ class Model(tp.Protocol):
 
 @dataclasses.dataclass(eq=False)
 class Job:
+    """One accepted request. It holds the slot until it ends or, if it never began, until its client leaves."""
+
     params: GenerateParams
     seed: int
+    free_slot: tp.Callable[[], None]
     events: "queue.Queue[tp.Dict[str, tp.Any]]" = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _state: str = "queued"  # queued -> running -> done, or queued -> abandoned
+    _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     reason: str = "the client went away"
     lm_steps: int = 0  # for the metrics, once generated
     seconds: float = 0.0
-    _finished: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _ended: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def cancel(self, reason: str = "") -> None:
         """Called when the response is closed (the client went away, or the stream ended anyway) or on shutdown."""
         if reason and not self.cancelled.is_set():
             self.reason = reason
         self.cancelled.set()
+        with self._guard:
+            abandoned = self._state == "queued"
+            if abandoned:
+                self._state = "abandoned"
+        if abandoned:  # nobody will run it: free the slot now, not after a model load it waits behind
+            self.free_slot()
 
-    def finish(self, event: tp.Dict[str, tp.Any]) -> None:
+    def begin(self) -> bool:
+        """The worker takes the job; False if its client already left."""
+        with self._guard:
+            if self._state == "abandoned":
+                return False
+            self._state = "running"
+            return True
+
+    def finish(self) -> None:
+        """Free the slot of a running job (once; later calls do nothing)."""
+        with self._guard:
+            if self._state != "running":
+                return
+            self._state = "done"
+        self.free_slot()
+
+    def end(self, event: tp.Dict[str, tp.Any]) -> None:
         """Queue the terminal event; only the first one counts (shutdown may end a job the worker still runs)."""
-        if self._finished.acquire(blocking=False):
+        if self._ended.acquire(blocking=False):
             self.events.put(event)
 
 
@@ -106,7 +133,7 @@ class GenerationService:
         self._idle_unload = idle_unload_seconds
         self._unloaded = False  # the model was unloaded for idleness; the next job loads it again
         self._stopping = False
-        self.current: tp.Optional[Job] = None  # the job holding the slot
+        self.current: tp.Optional[Job] = None  # the job that took the slot last
         self.on_finish: tp.Callable[[Job, str], None] = lambda job, outcome: None  # app.metrics
         self._lock = threading.Lock()
         self._jobs: queue.Queue[tp.Optional[Job]] = queue.Queue()
@@ -137,13 +164,13 @@ class GenerationService:
         if not self._lock.acquire(blocking=False):
             raise Busy("another generation is running; try again later", {"Retry-After": self._retry_after})
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        job = self.current = Job(params, seed)
+        job = self.current = Job(params, seed, self._lock.release)
         self._jobs.put(job)
         return job
 
     def shutdown(self, grace_seconds: float) -> None:
-        """SIGTERM (scripts/gunicorn.conf.py): refuse new jobs, and end a running one that has not finished
-        shortly before `grace_seconds` with an error event, while its client can still read it."""
+        """SIGTERM (scripts/gunicorn.conf.py): refuse new jobs, and end a job that has not finished shortly
+        before `grace_seconds` with an error event, while its client can still read it."""
         self._stopping = True
         timer = threading.Timer(max(0.0, grace_seconds - min(2.0, grace_seconds / 2)), self._stop_current)
         timer.daemon = True
@@ -151,9 +178,9 @@ class GenerationService:
 
     def _stop_current(self) -> None:
         job = self.current
-        if job is not None:
+        if job is not None:  # one that already ended ignores both calls
             job.cancel("the server is shutting down")
-            job.finish({"event": "error", "message": "generation cancelled: the server is shutting down"})
+            job.end({"event": "error", "message": "generation cancelled: the server is shutting down"})
 
     def stop(self) -> None:
         """Let the worker finish its current job and end (tests; the process exit ends it anyway)."""
@@ -187,22 +214,25 @@ class GenerationService:
             torch.cuda.empty_cache()
 
     def _execute(self, job: Job) -> None:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.current = None
-                self._lock.release()
+        try:
+            self._prepare(job)
+            failure: tp.Optional[Exception] = None
+        except Exception as e:
+            failure = e
+        if not job.begin():
+            log.info("generation cancelled: the client went away before it started")
+            self.on_finish(job, "cancelled")
+            return
 
         terminal: tp.Dict[str, tp.Any] = {"event": "error", "message": "generation failed"}
         outcome = "error"
         try:
+            if failure is not None:
+                raise failure
             wav = self._generate(job)
             # The GPU is done: free the slot before the terminal event, so a client that asks again
             # the instant it reads `completed` is never refused.
-            release()
+            job.finish()
             audio = to_wav(wav, self.model.sample_rate, self._normalize)
             terminal = {"event": "completed", **self._describe(job), "audio": base64.b64encode(audio).decode()}
             outcome = "completed"
@@ -221,23 +251,27 @@ class GenerationService:
         finally:
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
-            release()
-            job.finish(terminal)
+            job.finish()
+            job.end(terminal)
             self.on_finish(job, outcome)
 
-    def _generate(self, job: Job) -> torch.Tensor:
-        if self.model is None and self._unloaded:  # `start` waits for it; the stream sends keep-alives
+    def _prepare(self, job: Job) -> None:
+        """Load what the job needs (MBD on first use) before it begins: loading cannot be interrupted,
+        but a client that leaves meanwhile frees the slot at once (see `Job.cancel`)."""
+        if self.model is None and self._unloaded and not job.cancelled.is_set():  # after an idle unload
             log.info("loading the model again for a request")
             self.model, self._unloaded = self._load_model(), False
         if self.model is None:
             raise ModelUnavailable(f"the model failed to load: {self.load_error}")
-        if job.cancelled.is_set():
-            raise Cancelled("the client went away before it started")
+        if job.params.mbd and not job.cancelled.is_set():
+            self.model.ensure_mbd()
+
+    def _generate(self, job: Job) -> torch.Tensor:
+        assert self.model is not None
         model, params = self.model, job.params
         job.events.put({"event": "start", "model": model.name, **self._describe(job), "mbd": params.mbd})
         totals = {"lm": model.lm_steps(params.duration), "decode": 1}
         if params.mbd:
-            model.ensure_mbd()  # loads on first use: a silent phase, covered by keep-alives
             totals["diffusion"] = model.diffusion_steps()
         progress = Progress(totals, SHARES_MBD if params.mbd else SHARES)
 

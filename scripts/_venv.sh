@@ -5,23 +5,19 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MUSICGEN_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3.11}"
 
-ensure_venv() {  # ensure_venv LOCKFILE...: install each lock (and the project) whose content changed
+ensure_venv() {  # ensure_venv LOCKFILE...: install each lock whose content changed
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV with $PYTHON" >&2
     "$PYTHON" -m venv "$VENV"
   fi
   local file stamp want
-  for file in "$@" setup.py; do
+  for file in "$@"; do
     stamp="$VENV/.stamp-${file//\//_}"
     want="$(sha256sum < "$ROOT/$file")"
     [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && continue
     echo "installing $file into $VENV (several GB on a fresh machine)" >&2
-    if [ "$file" = setup.py ]; then
-      "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
-    else
-      # --no-deps: the locks are complete, and audiocraft 1.3.0's stale pins would stop pip's resolver.
-      "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/$file"
-    fi
+    # --no-deps: the locks are complete, and audiocraft 1.3.0's stale pins would stop pip's resolver.
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/$file"
     echo "$want" > "$stamp"
   done
 }
