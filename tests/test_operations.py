@@ -69,11 +69,12 @@ def test_metrics_count_outcomes_and_generation(make_app):
     model.release.set()
     assert sse_events(held)[-1]["event"] == "completed"
 
-    job = app.extensions["musicgen"].submit(params())
-    job.cancel()
-    drain(job)
-
-    samples = scrape(client.get("/metrics").get_data(as_text=True))
+    app.extensions["musicgen"].submit(params()).cancel()  # left before it began: dropped unrun
+    deadline = time.monotonic() + 10
+    while (samples := scrape(client.get("/metrics").get_data(as_text=True)))[
+            ("musicgen_requests_total", (("outcome", "cancelled"),))] == 0:
+        assert time.monotonic() < deadline, "the abandoned job was not counted"
+        time.sleep(0.02)
     outcome = {o: samples[("musicgen_requests_total", (("outcome", o),))]
                for o in ("completed", "error", "cancelled", "busy", "invalid", "unauthorized")}
     assert outcome == {"completed": 2, "error": 0, "cancelled": 1, "busy": 1, "invalid": 2, "unauthorized": 0}
