@@ -24,7 +24,7 @@ class Settings:
     # MUSICGEN_DEVICE: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
     # MUSICGEN_MBD_MODEL: where MultiBand Diffusion comes from: a Hugging Face id, a directory holding
-    # mbd_musicgen_32khz.th, the file itself, or `debug`. Empty: `debug` for the debug model, else the
+    # mbd_musicgen_32khz.th, the file itself, or `debug`. Empty: `debug` for the debug models, else the
     # official facebook/multiband-diffusion.
     mbd_model: str = ""
     # MUSICGEN_MBD_PRELOAD: load MBD at start-up (1) instead of on the first `mbd: true` request (0).
@@ -70,7 +70,7 @@ class Settings:
         """Where MBD weights come from, with the empty default resolved."""
         if self.mbd_model:
             return self.mbd_model
-        return "debug" if self.model == "debug" else "facebook/multiband-diffusion"
+        return "debug" if self.model.startswith("debug") else "facebook/multiband-diffusion"
 
     @classmethod
     def from_env(cls, environ: tp.Mapping[str, str] = os.environ) -> "Settings":
