@@ -110,8 +110,12 @@ def nginx(tmp_path):
 
 @pytest.fixture(scope="module")
 def second_server():
-    """A second backend; nothing but test_disconnect_in_silent_phase sends it `mbd: true` requests."""
-    with Server() as s:
+    """A second backend; nothing but test_disconnect_in_silent_phase sends it `mbd: true` requests.
+
+    Its keep-alives come every 50 ms, so the first one goes out well before the debug MBD (a fraction
+    of a second to load) is ready.
+    """
+    with Server({"MUSICGEN_KEEPALIVE_SECONDS": "0.05"}) as s:
         s.wait()
         yield s
 
