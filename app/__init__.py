@@ -33,12 +33,15 @@ def create_app(settings: tp.Optional[Settings] = None,
                                        settings.mbd_preload, precision=settings.precision,
                                        cross_kv_cache=settings.cross_kv_cache,
                                        static_kv_cache=settings.static_kv_cache)
-    service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds)
+    service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds,
+                                settings.idle_unload_seconds)
+    from . import api, auth, metrics, web
+    metrics.install(app, service)  # before start: the worker reports every job to it
     app.extensions["musicgen"] = service.start()
 
-    from . import api, web
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
+    auth.install(app, settings.auth_token)
     register_error_handlers(app)
     return app
 

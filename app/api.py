@@ -60,6 +60,7 @@ def health() -> Response:
     return jsonify(
         status=service.state,
         model=model.name if model else _settings().model,
+        model_loaded=model is not None,  # false while loading, and after an idle unload (still "ready")
         device=model.device if model else None,
         sample_rate=model.sample_rate if model else None,
         channels=model.channels if model else None,

@@ -25,7 +25,7 @@ class Settings:
     # MUSICGEN_DEVICE: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
     # MUSICGEN_MBD_MODEL: where MultiBand Diffusion comes from: a Hugging Face id, a directory holding
-    # mbd_musicgen_32khz.th, the file itself, or `debug`. Empty: `debug` for the debug model, else the
+    # mbd_musicgen_32khz.th, the file itself, or `debug`. Empty: `debug` for the debug models, else the
     # official facebook/multiband-diffusion.
     mbd_model: str = ""
     # MUSICGEN_MBD_PRELOAD: load MBD at start-up (1) instead of on the first `mbd: true` request (0).
@@ -42,6 +42,13 @@ class Settings:
     retry_after_seconds: int = 5
     # MUSICGEN_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    # MUSICGEN_IDLE_UNLOAD_SECONDS: after this many seconds without a generation the model leaves the GPU
+    # (its memory is free for other work) and the next request loads it again; its `start` event waits for
+    # that, with keep-alives meanwhile. 0: never unload.
+    idle_unload_seconds: float = 0.0
+    # MUSICGEN_AUTH_TOKEN: when set, POST /api/v1/generate_music needs `Authorization: Bearer <token>` and
+    # answers 401 otherwise. Empty: no authentication, as the original clients expect.
+    auth_token: str = dataclasses.field(default="", repr=False)  # kept out of logs
     # MUSICGEN_PRECISION: the LM's precision on CPU: auto (bf16 where the CPU has native bf16, else fp32),
     # fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py). CUDA keeps audiocraft's fp16.
     precision: str = "auto"
@@ -63,6 +70,8 @@ class Settings:
             raise ConfigError("MUSICGEN_MAX_BODY_BYTES must be at least 1024")
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"MUSICGEN_NORMALIZE={self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+        if self.idle_unload_seconds < 0:
+            raise ConfigError("MUSICGEN_IDLE_UNLOAD_SECONDS must be 0 (never) or more")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -73,7 +82,7 @@ class Settings:
         """Where MBD weights come from, with the empty default resolved."""
         if self.mbd_model:
             return self.mbd_model
-        return "debug" if self.model == "debug" else "facebook/multiband-diffusion"
+        return "debug" if self.model.startswith("debug") else "facebook/multiband-diffusion"
 
     @classmethod
     def from_env(cls, environ: tp.Mapping[str, str] = os.environ) -> "Settings":

@@ -8,6 +8,7 @@ belong to the thread that first used them, and a fresh thread per job ran 2.5-3x
 
 import base64
 import dataclasses
+import gc
 import logging
 import queue
 import secrets
@@ -56,9 +57,15 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     _state: str = "queued"  # queued -> running -> done, or queued -> abandoned
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    reason: str = "the client went away"
+    lm_steps: int = 0  # for the metrics, once generated
+    seconds: float = 0.0
+    _ended: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def cancel(self) -> None:
-        """Called when the response is closed: the client went away, or the stream ended anyway."""
+    def cancel(self, reason: str = "") -> None:
+        """Called when the response is closed (the client went away, or the stream ended anyway) or on shutdown."""
+        if reason and not self.cancelled.is_set():
+            self.reason = reason
         self.cancelled.set()
         with self._guard:
             abandoned = self._state == "queued"
@@ -82,6 +89,11 @@ class Job:
                 return
             self._state = "done"
         self.free_slot()
+
+    def end(self, event: tp.Dict[str, tp.Any]) -> None:
+        """Queue the terminal event; only the first one counts (shutdown may end a job the worker still runs)."""
+        if self._ended.acquire(blocking=False):
+            self.events.put(event)
 
 
 class Progress:
@@ -114,10 +126,15 @@ class GenerationService:
     """One generation at a time, on one long-lived thread that also loads the model."""
 
     def __init__(self, load_model: tp.Callable[[], Model], normalize: str = "loudness",
-                 retry_after_seconds: int = 5):
+                 retry_after_seconds: int = 5, idle_unload_seconds: float = 0.0):
         self._load_model = load_model
         self._normalize = normalize
         self._retry_after = str(retry_after_seconds)
+        self._idle_unload = idle_unload_seconds
+        self._unloaded = False  # the model was unloaded for idleness; the next job loads it again
+        self._stopping = False
+        self.current: tp.Optional[Job] = None  # the job that took the slot last
+        self.on_finish: tp.Callable[[Job, str], None] = lambda job, outcome: None  # app.metrics
         self._lock = threading.Lock()
         self._jobs: queue.Queue[tp.Optional[Job]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
@@ -136,18 +153,34 @@ class GenerationService:
             return "failed"
         if self._lock.locked():
             return "busy"
-        return "ready" if self.model is not None else "loading"
+        return "ready" if self.model is not None or self._unloaded else "loading"
 
     def submit(self, params: GenerateParams) -> Job:
         """Take the slot and queue the job, or raise at once: nothing waits for the lock."""
         if self.load_error is not None:
             raise ModelUnavailable(f"the model failed to load: {self.load_error}")
+        if self._stopping:
+            raise Busy("the server is shutting down; try again later", {"Retry-After": self._retry_after})
         if not self._lock.acquire(blocking=False):
             raise Busy("another generation is running; try again later", {"Retry-After": self._retry_after})
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        job = Job(params, seed, self._lock.release)
+        job = self.current = Job(params, seed, self._lock.release)
         self._jobs.put(job)
         return job
+
+    def shutdown(self, grace_seconds: float) -> None:
+        """SIGTERM (scripts/gunicorn.conf.py): refuse new jobs, and end a job that has not finished shortly
+        before `grace_seconds` with an error event, while its client can still read it."""
+        self._stopping = True
+        timer = threading.Timer(max(0.0, grace_seconds - min(2.0, grace_seconds / 2)), self._stop_current)
+        timer.daemon = True
+        timer.start()
+
+    def _stop_current(self) -> None:
+        job = self.current
+        if job is not None:  # one that already ended ignores both calls
+            job.cancel("the server is shutting down")
+            job.end({"event": "error", "message": "generation cancelled: the server is shutting down"})
 
     def stop(self) -> None:
         """Let the worker finish its current job and end (tests; the process exit ends it anyway)."""
@@ -161,8 +194,24 @@ class GenerationService:
             log.error("%s", e)
             log.debug("model load failure", exc_info=True)
             self.load_error = str(e)
-        while (job := self._jobs.get()) is not None:
+        while True:
+            try:  # an idle model is unloaded on this thread, the one that loads and runs it
+                job = self._jobs.get(timeout=self._idle_unload if self._idle_unload and self.model else None)
+            except queue.Empty:
+                self._unload()
+                continue
+            if job is None:
+                return
             self._execute(job)
+
+    def _unload(self) -> None:
+        if self.model is None or self._lock.locked():
+            return
+        log.info("unloading the model after %g s without requests", self._idle_unload)
+        self.model, self._unloaded = None, True
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def _execute(self, job: Job) -> None:
         try:
@@ -172,9 +221,11 @@ class GenerationService:
             failure = e
         if not job.begin():
             log.info("generation cancelled: the client went away before it started")
+            self.on_finish(job, "cancelled")
             return
 
         terminal: tp.Dict[str, tp.Any] = {"event": "error", "message": "generation failed"}
+        outcome = "error"
         try:
             if failure is not None:
                 raise failure
@@ -184,9 +235,11 @@ class GenerationService:
             job.finish()
             audio = to_wav(wav, self.model.sample_rate, self._normalize)
             terminal = {"event": "completed", **self._describe(job), "audio": base64.b64encode(audio).decode()}
+            outcome = "completed"
         except Cancelled as e:
             log.info("generation cancelled: %s", e)
             terminal = {"event": "error", "message": f"generation cancelled: {e}"}
+            outcome = "cancelled"
         except (ModelUnavailable, ModelLoadError) as e:  # no model, or MBD could not be loaded
             terminal = {"event": "error", "message": str(e)}
         except torch.cuda.OutOfMemoryError:
@@ -199,11 +252,15 @@ class GenerationService:
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
             job.finish()
-            job.events.put(terminal)
+            job.end(terminal)
+            self.on_finish(job, outcome)
 
     def _prepare(self, job: Job) -> None:
         """Load what the job needs (MBD on first use) before it begins: loading cannot be interrupted,
         but a client that leaves meanwhile frees the slot at once (see `Job.cancel`)."""
+        if self.model is None and self._unloaded and not job.cancelled.is_set():  # after an idle unload
+            log.info("loading the model again for a request")
+            self.model, self._unloaded = self._load_model(), False
         if self.model is None:
             raise ModelUnavailable(f"the model failed to load: {self.load_error}")
         if job.params.mbd and not job.cancelled.is_set():
@@ -220,15 +277,15 @@ class GenerationService:
 
         def on_step(stage: str) -> None:
             if job.cancelled.is_set():
-                raise Cancelled("the client went away")
+                raise Cancelled(job.reason)
             percent = progress.step(stage)
             if percent is not None:
                 job.events.put({"event": "progress", "progress": percent})
 
         started = time.monotonic()
         wav = model.generate(params, job.seed, on_step)
-        log.info("generated %d s (mbd=%s, seed=%d) in %.1f s", params.duration, params.mbd, job.seed,
-                 time.monotonic() - started)
+        job.lm_steps, job.seconds = totals["lm"], time.monotonic() - started
+        log.info("generated %d s (mbd=%s, seed=%d) in %.1f s", params.duration, params.mbd, job.seed, job.seconds)
         return wav
 
     def _describe(self, job: Job) -> tp.Dict[str, tp.Any]:

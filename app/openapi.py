@@ -89,6 +89,7 @@ def document() -> tp.Dict[str, tp.Any]:
         "description": "One generation at a time per process: a second request while one runs gets 503 at "
                        "once (not queued). Answers other than 200 are plain JSON, never a stream. A body "
                        "without `Content-Type: application/json` is still parsed as JSON.",
+        "security": [{}, {"bearer": []}],
         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("GenerateParams")}}},
         "responses": {
             "200": {"description": STREAM_DESCRIPTION,
@@ -101,6 +102,9 @@ def document() -> tp.Dict[str, tp.Any]:
                                    '\n\n: keep-alive\n\ndata: {"event": "completed", "audio": "UklGR..."}\n\n'}}},
             "400": _error("The body is not valid JSON, not an object, or a field is invalid; the message "
                           "names the field and the rule it broke."),
+            "401": _error("Only when the server is configured with a token (MUSICGEN_AUTH_TOKEN): the "
+                          "`Authorization: Bearer <token>` header is missing or wrong.",
+                          {"WWW-Authenticate": {"schema": {"const": "Bearer"}}}),
             "413": _error("The body is larger than the configured limit (default 64 KiB)."),
             "503": _error("Busy: another generation is running (with `Retry-After`); or the model failed "
                           "to load (without it: retrying this backend will not help).",
@@ -126,6 +130,7 @@ def document() -> tp.Dict[str, tp.Any]:
         "Health": {"type": "object", "required": ["status"], "properties": {
             "status": {"enum": ["loading", "ready", "busy", "failed"]},
             "model": {"type": "string"},
+            "model_loaded": {"type": "boolean", "description": "False while loading and after an idle unload."},
             "device": {"type": ["string", "null"]},
             "sample_rate": {"type": ["integer", "null"]},
             "channels": {"type": ["integer", "null"]},
@@ -145,5 +150,7 @@ def document() -> tp.Dict[str, tp.Any]:
                                              "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                                    "content": {JSON: {}}}}}},
         },
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "Only when MUSICGEN_AUTH_TOKEN is set."}}},
     }

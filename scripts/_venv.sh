@@ -15,7 +15,7 @@ ensure_venv() {  # ensure_venv LOCKFILE...: install each lock whose content chan
     stamp="$VENV/.stamp-${file//\//_}"
     want="$(sha256sum < "$ROOT/$file")"
     [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && continue
-    echo "installing $file into $VENV (several GB on a fresh machine)" >&2
+    echo "installing $file into $VENV" >&2
     # --no-deps: the locks are complete, and audiocraft 1.3.0's stale pins would stop pip's resolver.
     "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/$file"
     echo "$want" > "$stamp"

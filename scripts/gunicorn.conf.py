@@ -6,6 +6,7 @@ Several GPUs: run one instance per GPU (deploy/), each with its own PORT and CUD
 """
 
 import os
+import signal
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '5555')}"
 workers = 1
@@ -24,3 +25,20 @@ control_socket_disable = True
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("MUSICGEN_LOG_LEVEL", "info").lower()
+
+
+def post_worker_init(worker):
+    """On SIGTERM gunicorn lets running requests finish for `graceful_timeout`, then kills the worker:
+    tell the app first, so that a generation that would not make it ends with an error event its client
+    can still read ("the server is shutting down") instead of a cut stream, and new requests get 503."""
+    service = getattr(worker.wsgi, "extensions", {}).get("musicgen")
+    if service is None:
+        return
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        service.shutdown(worker.cfg.graceful_timeout)
+        stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn set it: the signal does not break system calls

@@ -16,7 +16,7 @@ def test_environment_overrides_and_debug_mbd():
                                   "MUSICGEN_MBD_PRELOAD": "yes", "MUSICGEN_MAX_BODY_BYTES": "2048"})
     assert (settings.model, settings.keepalive_seconds, settings.mbd_preload, settings.max_body_bytes) == (
         "debug", 1.5, True, 2048)
-    assert settings.mbd_source == "debug"
+    assert settings.mbd_source == "debug" and Settings(model="debug-stereo").mbd_source == "debug"
 
 
 @pytest.mark.parametrize("name, value", [

@@ -1,0 +1,27 @@
+"""Optional bearer-token authentication (MUSICGEN_AUTH_TOKEN), checked before the body is even read."""
+
+import hmac
+
+from flask import Flask, request
+
+from .errors import Unauthorized
+
+# Generation is what costs GPU time. /health stays open for load balancers; /metrics is meant for the
+# instance's private port (deploy/nginx-musicgen.conf refuses it from outside).
+PROTECTED_ENDPOINTS = frozenset({"api.generate_music"})
+
+
+def install(app: Flask, token: str) -> None:
+    if not token:
+        return
+    expected = token.encode()
+
+    @app.before_request
+    def _require_token() -> None:
+        if request.endpoint not in PROTECTED_ENDPOINTS:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of the token was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)",
+                               {"WWW-Authenticate": 'Bearer realm="musicgen"'})
