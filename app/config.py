@@ -53,10 +53,10 @@ class Settings:
     # fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py). CUDA keeps audiocraft's fp16.
     precision: str = "auto"
     # MUSICGEN_CROSS_KV_CACHE: project the text conditioning to cross-attention keys/values once per
-    # generation instead of at every step of every layer (same tokens as stock; 0 restores stock).
+    # generation instead of at every step of every layer (same tokens as stock; 0 restores stock). CPU only.
     cross_kv_cache: bool = True
     # MUSICGEN_STATIC_KV_CACHE: write self-attention keys/values into a buffer sized for the whole
-    # generation instead of growing them with torch.cat every step (same tokens as stock).
+    # generation instead of growing them with torch.cat every step (same tokens as stock). CPU only.
     static_kv_cache: bool = True
 
     def __post_init__(self) -> None:

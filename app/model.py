@@ -113,6 +113,11 @@ class MusicModel:
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device), mbd_source)
         lm = model.musicgen.lm
+        if not device.startswith("cpu") and (cross_kv_cache or static_kv_cache):
+            # Verified (same greedy tokens as stock) on CPU only; on CUDA audiocraft's fp16 autocast and
+            # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
+            log.info("decoding speed-ups are CPU-only for now: off on %s", device)
+            cross_kv_cache = static_kv_cache = False
         log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
                  fast_lm.install(lm, cross_kv_cache, static_kv_cache))
         if preload_mbd:
