@@ -56,7 +56,8 @@ class Server:
         raise TimeoutError(f"server not {status} after {timeout} s (last: {last}):\n{self.output()}")
 
     def output(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")[-5000:]
+        """Everything the server has logged so far."""
+        return Path(self.log_path).read_text(errors="replace")
 
     def worker_pid(self) -> int:
         """The gunicorn worker's pid (the master is `self.process`)."""

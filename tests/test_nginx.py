@@ -187,7 +187,7 @@ def test_long_generation_streams_live_and_its_large_completed_event_arrives_inta
 def test_client_disconnect_at_nginx_cancels_and_frees_the_slot(idle_server, nginx):
     proxy = nginx([idle_server.port])
     cancelled_before = log_of(idle_server).count("generation cancelled")
-    r = generate(proxy.url, {"description": "to be abandoned", "duration": 30})
+    r = generate(proxy.url, {"description": "to be abandoned", "duration": 60, "mbd": True})  # outlasts detection
     assert r.status_code == 200
     stream = events(r)  # held: a dropped generator closes the connection (urllib3 closes it on GeneratorExit)
     for event in stream:

@@ -183,7 +183,8 @@ def test_sigterm_lets_a_generation_finish_within_the_graceful_timeout():
 def test_sigterm_past_the_graceful_timeout_sends_an_error_event_and_exits():
     with Server(env={"GUNICORN_GRACEFUL_TIMEOUT": "4"}) as server:
         server.wait()
-        with generate(server.url, {"description": "too long to finish", "duration": 60}) as r:
+        # 60 s with MBD: well past the 4 s grace even for the debug model on a quiet machine.
+        with generate(server.url, {"description": "too long to finish", "duration": 60, "mbd": True}) as r:
             stream = events(r)
             assert next(stream)["event"] == "start"
             server.process.send_signal(signal.SIGTERM)

@@ -2,7 +2,7 @@
 // and prints what it saw as one JSON object on stdout; tests/test_web.py runs it and judges the result.
 //
 // usage: node scenario.js SCENARIO BASE_URL ARTIFACTS_DIR
-//   generate  generate a 3 s clip: progress values seen, the <audio> duration, the WAV's header; screenshots
+//   generate  generate a 20 s clip: progress values seen, the <audio> duration, the WAV's header; screenshots
 //   invalid   a whitespace-only description: the 400 message
 //   cancel    start a 60 s MBD generation, cancel it, time until /health says ready again
 //   busy      (another generation runs) the busy message; once the server is free, Retry generates a clip
@@ -95,7 +95,7 @@ async function generateScenario(context) {
     advanced: !!i.closest('details'),
   })));
   await page.fill('#description', 'calm piano with soft strings');
-  await page.fill('#duration', '3');
+  await page.fill('#duration', '20');  // long enough for several progress events from the fast debug model
   await page.click('summary');
   await page.fill('#seed', '1234');
   await watchProgress(page);
