@@ -267,15 +267,21 @@ def start_streaming(url: str, body: tp.Any) -> tp.Tuple[requests.Response, tp.It
     return response, stream
 
 
+def stream_twice(stack: contextlib.ExitStack, url: str, body: tp.Dict[str, tp.Any]) -> tp.List[tp.Iterator]:
+    """Two generations through nginx at once, each read past its `start`; closed when `stack` ends."""
+    streams = []
+    for _ in range(2):
+        response, stream = start_streaming(url, body)
+        stack.callback(response.close)
+        streams.append(stream)
+    return streams
+
+
 def test_two_backends_two_generations_at_once_third_gets_503(idle_server, second_server, nginx):
     proxy = nginx([idle_server.port, second_server.port])
     with contextlib.ExitStack() as stack:
         # least_conn sends the second request to the idle backend (and would retry a busy one's 503).
-        streams = []
-        for _ in range(2):
-            response, stream = start_streaming(proxy.url, {"description": "two at once", "duration": 8})
-            stack.callback(response.close)
-            streams.append(stream)
+        streams = stream_twice(stack, proxy.url, {"description": "two at once", "duration": 8})
         assert idle_server.health()["status"] == second_server.health()["status"] == "busy"
 
         third = generate(proxy.url, {"description": "one too many"})  # both 503: nginx passes it on, no 502
@@ -287,10 +293,6 @@ def test_two_backends_two_generations_at_once_third_gets_503(idle_server, second
     idle_server.wait(timeout=10)
     second_server.wait(timeout=10)
     with contextlib.ExitStack() as stack:
-        streams = []
-        for _ in range(2):
-            response, stream = start_streaming(proxy.url, {"description": "again", "duration": 4})
-            stack.callback(response.close)
-            streams.append(stream)
+        streams = stream_twice(stack, proxy.url, {"description": "again", "duration": 4})
         assert idle_server.health()["status"] == second_server.health()["status"] == "busy"
         assert [[e["event"] for e in stream][-1] for stream in streams] == ["completed", "completed"]
