@@ -107,19 +107,21 @@ class MusicModel:
 
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
-             cross_kv_cache: bool = False, static_kv_cache: bool = False) -> "MusicModel":
-        """Load the models; the defaults of the last three (MUSICGEN_PRECISION, ..._KV_CACHE) are stock audiocraft."""
+             cross_kv_cache: bool = False, static_kv_cache: bool = False,
+             packed_weights: bool = False) -> "MusicModel":
+        """Load the models; the defaults of the last four (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS)
+        are stock audiocraft."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device), mbd_source)
         lm = model.musicgen.lm
-        if not device.startswith("cpu") and (cross_kv_cache or static_kv_cache):
+        if not device.startswith("cpu") and (cross_kv_cache or static_kv_cache or packed_weights):
             # Verified (same greedy tokens as stock) on CPU only; on CUDA audiocraft's fp16 autocast and
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
-            cross_kv_cache = static_kv_cache = False
+            cross_kv_cache = static_kv_cache = packed_weights = False
         log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
-                 fast_lm.install(lm, cross_kv_cache, static_kv_cache))
+                 fast_lm.install(lm, cross_kv_cache, static_kv_cache, packed_weights))
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)

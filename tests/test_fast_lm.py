@@ -74,9 +74,10 @@ def test_install_reports_what_it_reached_and_stock_is_untouched():
     fast = copy.deepcopy(mg)
     layers = len(mg.lm.transformer.layers)
     assert fast_lm.install(fast.lm, cross_kv_cache=True, static_kv_cache=True) == {
-        "cross_kv_cache": layers, "static_kv_cache": layers}
+        "cross_kv_cache": layers, "static_kv_cache": layers, "packed_weights": 0}
     assert not any(hasattr(m, "cross_kv_computed") for m in mg.lm.modules())
-    assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {"cross_kv_cache": 0, "static_kv_cache": 0}
+    assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {
+        "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0}
 
 
 def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
@@ -95,12 +96,16 @@ def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
-@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic"])
+@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic", "bf16-packed"])
 def test_lower_precision_stays_close_to_fp32(name):
     stock = musicgen(SMALL)
     reference = next_token_distributions(stock)
     low = copy.deepcopy(stock)
+    packed = name.endswith("-packed")
+    name = name.removesuffix("-packed")
     assert precision.apply(low.lm, name, "cpu") == name
+    if packed:  # what the server runs by default on CPUs with native bf16
+        assert fast_lm.install(low.lm, True, True, packed_weights=True)["packed_weights"] > 0
     logp = next_token_distributions(low)
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
     kl = (reference.exp() * (reference - logp)).sum(-1).mean()
@@ -138,11 +143,13 @@ def test_precision_setting_is_validated():
 
 
 def test_server_runs_the_default_speedups(idle_server):
-    """The shared test server runs with the defaults: cross and static caches on, precision auto."""
+    """The shared test server runs with the defaults: cross and static caches and packed weights on,
+    precision auto."""
     with generate(idle_server.url, {"description": "drums", "duration": 2, "temperature": 0}) as response:
         assert response.status_code == 200
         last = list(events(response))[-1]
     assert last["event"] == "completed", last
     expected = precision.resolve("auto", "cpu")
     layers = len(musicgen().lm.transformer.layers)
-    assert f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, " in idle_server.output()
+    assert (f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, 'static_kv_cache': {layers}, "
+            f"'packed_weights': {6 * layers + musicgen().lm.num_codebooks}}}") in idle_server.output()
