@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from scripts.bench_lm import DEFAULT  # noqa: E402
+
 
 def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -16,8 +18,13 @@ def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
 
 
 def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
+    """From scripts/bench.py's results, fresh or read back from benchmarks.json (where keys are strings)."""
+    for curves in (r["decode_costs"]["seconds_per_audio_second"], r["debug_durations"]):
+        for name, curve in curves.items():
+            curves[name] = {int(d): value for d, value in curve.items()}
     m = r["machine"]
     steps, probe, svc = r["lm_steps"], r["long_context"], r["service"]
+    floor = steps["floor"]
     parts = [
         "# Benchmarks",
         "",
@@ -43,6 +50,11 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         _table(["variant", "ms/step (median)", "p90", "steps/s", "x stock", "mean KL", "top-1 agreement"],
                [[name, v["ms_per_step"], v["ms_p90"], v["steps_per_s"], v["speedup_vs_stock"],
                  v.get("mean_kl", "-"), v.get("top1_agreement", "-")] for name, v in steps["variants"].items()]),
+        "",
+        f"Memory-bandwidth floor: {floor['ms_per_step']} ms/step ({floor['bf16_weight_mb']} MB of bf16 weights read "
+        f"per step at {floor['read_gb_s']} GB/s, the rate of a plain sum over 512 MB in this run); the service's CPU "
+        f"default ({DEFAULT}) runs at {steps['variants'][DEFAULT]['ms_per_step'] / floor['ms_per_step']:.1f}x "
+        "the floor.",
         "",
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
@@ -93,15 +105,15 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
 
 
 def _plot(r: tp.Dict[str, tp.Any], png: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     for name, curve in r["decode_costs"]["seconds_per_audio_second"].items():
         axes[0].plot([int(d) for d in curve], list(curve.values()), label=name)
     axes[0].axhline(1.0, color="grey", linestyle=":", label="real time")
-    axes[0].set(title="musicgen-small size: LM s per s of audio (extrapolated)", xlabel="duration (s)",
+    axes[0].set(title="musicgen-small size: LM s per s of audio\n(extrapolated)", xlabel="duration (s)",
                 ylabel="seconds per second of audio")
     for name, curve in r["debug_durations"].items():
         axes[1].plot([int(d) for d in curve], list(curve.values()), marker="o", label=name)
-    axes[1].set(title="debug model, bare: s per s of audio (measured)", xlabel="duration (s)")
+    axes[1].set(title="debug model, bare: s per s of audio\n(measured)", xlabel="duration (s)")
     variants = r["lm_steps"]["variants"]
     axes[2].barh(list(variants), [v["steps_per_s"] for v in variants.values()])
     axes[2].set(title="decoding steps/s, musicgen-small size", xlabel="steps per second")

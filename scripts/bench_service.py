@@ -1,5 +1,6 @@
 """Service benchmarks through a real gunicorn (tests.helpers.Server), beside bare in-process audiocraft."""
 
+import contextlib
 import statistics
 import threading
 import time
@@ -25,7 +26,7 @@ def _load(name: str) -> MusicModel:
     """The model exactly as the server loads it with default settings."""
     s = Settings(model=name, device="cpu", mbd_model="debug")
     return MusicModel.load(s.model, s.device, s.mbd_source, precision=s.precision, cross_kv_cache=s.cross_kv_cache,
-                           static_kv_cache=s.static_kv_cache)
+                           static_kv_cache=s.static_kv_cache, packed_weights=s.packed_weights)
 
 
 def _bare(model: MusicModel, duration: int, mbd: bool = False) -> float:
@@ -85,8 +86,15 @@ def _hold(url: str) -> requests.Response:
     stream = events(holder)
     first = next(stream)
     assert first["event"] == "start", first
-    threading.Thread(target=lambda: list(stream), daemon=True).start()
+    threading.Thread(target=_drain, args=(stream,), daemon=True).start()
     return holder
+
+
+def _drain(stream: tp.Iterator[tp.Dict[str, tp.Any]]) -> None:
+    """Read a held stream to its end; closing it from the main thread ends the read with an error, by design."""
+    with contextlib.suppress(Exception):
+        for _ in stream:
+            pass
 
 
 def _busy(server: Server, tries: int) -> tp.Dict[str, float]:
