@@ -96,7 +96,8 @@ def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
-@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic", "bf16-packed"])
+@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic", "bf16-packed", "bf16-autocast-packed",
+                                  "int8-dynamic-packed"])
 def test_lower_precision_stays_close_to_fp32(name):
     stock = musicgen(SMALL)
     reference = next_token_distributions(stock)
@@ -104,7 +105,7 @@ def test_lower_precision_stays_close_to_fp32(name):
     packed = name.endswith("-packed")
     name = name.removesuffix("-packed")
     assert precision.apply(low.lm, name, "cpu") == name
-    if packed:  # what the server runs by default on CPUs with native bf16
+    if packed:  # MUSICGEN_PACKED_WEIGHTS is on by default, whatever the precision
         assert fast_lm.install(low.lm, True, True, packed_weights=True)["packed_weights"] > 0
     logp = next_token_distributions(low)
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
