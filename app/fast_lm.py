@@ -56,10 +56,21 @@ class PackedLinear(torch.nn.Module):
 
 def can_pack(weight: torch.Tensor) -> bool:
     """oneDNN packs CPU weights in fp32, and in bf16 where the CPU computes bf16 natively."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    return weight.device.type == "cpu" and _packing_works(weight.dtype)
+
+
+@functools.cache
+def _packing_works(dtype: torch.dtype) -> bool:
+    """Whether this build and CPU pack `dtype` weights and multiply by them correctly (a tiny trial once)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16
-                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False  # oneDNN would emulate bf16, slower than plain fp32
+    weight, x = torch.eye(16, dtype=dtype)[:8], torch.arange(32, dtype=dtype).view(2, 16)
+    try:
+        return torch.equal(PackedLinear(weight, None)(x), x[:, :8])
+    except RuntimeError:  # a torch without these oneDNN operators
+        return False
 
 
 def _stock(module: StreamingMultiheadAttention, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
