@@ -14,7 +14,7 @@ import typing as tp
 import pytest
 import requests
 
-from tests.helpers import ARTIFACTS, ROOT, events, generate
+from tests.helpers import ARTIFACTS, ROOT, Server, events, generate
 
 BROWSER_DIR = ROOT / "tests" / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -101,3 +101,17 @@ def test_busy_message_then_retry(idle_server):
     assert busy["state"] == "busy" and busy["retryVisible"]
     assert busy["message"].startswith("The server is busy with another generation. Try again in ")
     assert result["retried"]["state"] == "done" and result["audio"]["riff"] == "RIFF"
+
+
+def test_token_is_asked_for_sent_and_kept_for_the_tab():
+    with Server(env={"MUSICGEN_AUTH_TOKEN": "let-me-in"}) as server:
+        server.wait()
+        result = run_scenario("token", server.url)
+    assert not result["tokenShownAtFirst"]  # nobody is asked for a token before the server wants one
+    missing = result["missing"]
+    assert missing["state"] == "unauthorized" and missing["tokenShown"] and missing["tokenFocused"], missing
+    assert missing["message"] == "This server needs an access token: enter it above and try again."
+    assert result["wrong"]["state"] == "unauthorized"
+    assert result["wrong"]["message"] == "The server did not accept this access token. Check it and try again."
+    assert result["right"]["state"] == "done" and result["audio"]["riff"] == "RIFF", result["right"]
+    assert result["kept"] == "let-me-in" and result["afterReload"]["state"] == "done"

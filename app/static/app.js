@@ -10,13 +10,14 @@ const LABELS = {
   temperature: 'Temperature', cfg_coef: 'Guidance (cfg_coef)', seed: 'Seed',
 };
 
+const TOKEN_KEY = 'musicgen-token'; // sessionStorage: the token lives as long as the tab
 const $ = (id) => document.getElementById(id);
 let schema = null; // GenerateParams from the OpenAPI document
 let controller = null; // AbortController of the running request
 let audioUrl = null;
 
 function setState(state) {
-  document.body.dataset.state = state; // idle, running, done, error, busy, cancelled (tests wait on it)
+  document.body.dataset.state = state; // idle, running, done, error, busy, unauthorized, cancelled (tests wait on it)
 }
 
 // A field's JSON Schema, with `anyOf: [X, {type: null}]` (optional values such as seed) unwrapped.
@@ -144,6 +145,13 @@ async function showHttpError(response) {
   if (response.status === 503 && retryAfter !== null) {
     setState('busy');
     show(`The server is busy with another generation. Try again in ${retryAfter} s.`, 'busy', true);
+  } else if (response.status === 401) {
+    setState('unauthorized');
+    const given = $('token').value.trim() !== '';
+    $('token-box').hidden = false;
+    $('token').focus();
+    show(given ? 'The server did not accept this access token. Check it and try again.'
+      : 'This server needs an access token: enter it above and try again.', 'error', true);
   } else if (response.status === 400 || response.status === 413) {
     setState('error');
     show(`The server rejected the request: ${message}`, 'error');
@@ -189,9 +197,13 @@ async function generate() {
   $('result').hidden = true;
   show('Sending the request…', 'info');
   try {
+    const headers = { 'Content-Type': 'application/json', Accept: 'text/event-stream' };
+    const token = $('token').value.trim();
+    if (token) headers.Authorization = `Bearer ${token}`;
+    sessionStorage.setItem(TOKEN_KEY, token);
     const response = await fetch(API, {
       method: 'POST',
-      headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
+      headers,
       body: JSON.stringify(body()),
       signal: controller.signal,
     });
@@ -225,6 +237,11 @@ async function generate() {
 }
 
 function init() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) {
+    $('token').value = token;
+    $('token-box').hidden = false;
+  }
   $('form').addEventListener('submit', (e) => { e.preventDefault(); generate(); });
   $('retry').addEventListener('click', generate);
   $('cancel').addEventListener('click', () => controller && controller.abort());

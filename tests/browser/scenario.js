@@ -6,6 +6,7 @@
 //   invalid   a whitespace-only description: the 400 message
 //   cancel    start a 60 s MBD generation, cancel it, time until /health says ready again
 //   busy      (another generation runs) the busy message; once the server is free, Retry generates a clip
+//   token     (the server has MUSICGEN_AUTH_TOKEN=let-me-in) no token, a wrong one, the right one; after a reload
 'use strict';
 
 const fs = require('fs');
@@ -156,7 +157,35 @@ async function busyScenario(context) {
   return { busy, retried, audio: retried.state === 'done' ? await audioResult(page) : null };
 }
 
-const SCENARIOS = { generate: generateScenario, invalid: invalidScenario, cancel: cancelScenario, busy: busyScenario };
+async function tokenScenario(context) {
+  const { page } = await openPage(context);
+  const tokenShownAtFirst = await page.isVisible('#token');
+  await page.fill('#description', 'behind a token');
+  await page.fill('#duration', '2');
+  await page.click('#generate');
+  const missing = { ...(await finished(page, 10000)), tokenShown: await page.isVisible('#token'),
+    tokenFocused: await page.evaluate(() => document.activeElement.id === 'token') };
+  await page.fill('#token', 'wrong');
+  await page.click('#retry');
+  const wrong = await finished(page, 10000);
+  await page.fill('#token', 'let-me-in');
+  await page.click('#generate');
+  const right = await finished(page);
+  const audio = right.state === 'done' ? await audioResult(page) : null;
+  await page.reload();  // the tab keeps its token: the next generation needs no typing
+  await page.waitForSelector('body[data-state="idle"]', { timeout: 30000 });
+  const kept = await page.inputValue('#token');
+  await page.fill('#description', 'again');
+  await page.fill('#duration', '1');
+  await page.click('#generate');
+  const afterReload = await finished(page);
+  return { tokenShownAtFirst, missing, wrong, right, audio, kept, afterReload };
+}
+
+const SCENARIOS = {
+  generate: generateScenario, invalid: invalidScenario, cancel: cancelScenario, busy: busyScenario,
+  token: tokenScenario,
+};
 
 async function main() {
   if (!SCENARIOS[scenario]) throw new Error(`unknown scenario ${scenario}`);
