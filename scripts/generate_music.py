@@ -9,7 +9,7 @@ Standard library only (Python 3.8+), so it can be copied anywhere; installed wit
 Exit codes:
     0    the WAV was saved
     1    server error: a 5xx answer, an `error` event (e.g. out of GPU memory), a broken stream
-    2    bad request: invalid flags, or the server answered 400/413 (its message is printed)
+    2    bad request: invalid flags, or the server answered 400/413, or 401 (token missing or wrong)
     3    busy: the server answered 503 with Retry-After (after the --retry attempts, if any)
     4    network error: cannot connect, connection lost, or no data for --timeout seconds
     130  interrupted with Ctrl-C: the connection is closed, which cancels the generation on the server
@@ -80,6 +80,9 @@ def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace
                                                "(default: musicgen-SEED.wav in the current directory)")
     parser.add_argument("--url", default=os.environ.get("MUSICGEN_URL", "http://127.0.0.1:5555"),
                         help="the service (default: $MUSICGEN_URL or http://127.0.0.1:5555)")
+    parser.add_argument("--token", default=os.environ.get("MUSICGEN_AUTH_TOKEN", ""),
+                        help="the server's bearer token, where it has one (default: $MUSICGEN_AUTH_TOKEN; the "
+                             "variable keeps it out of `ps` and shell history)")
     parser.add_argument("--retry", type=int, default=0, metavar="N",
                         help="when the server is busy, try again up to N times, waiting Retry-After seconds, "
                              "doubled after each attempt (default: 0)")
@@ -167,9 +170,15 @@ def attempt(args: argparse.Namespace, bar: ProgressBar) -> tp.Tuple[tp.Optional[
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     conn = kind(url.hostname, url.port, timeout=args.timeout)
     try:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if args.token:
+            headers["Authorization"] = f"Bearer {args.token}"
         conn.request("POST", url.path.rstrip("/") + PATH, body=json.dumps(request_body(args)).encode(),
-                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+                     headers=headers)
         response = conn.getresponse()
+        if response.status == 401:
+            hint = "wrong --token" if args.token else "this server needs a token: set MUSICGEN_AUTH_TOKEN or --token"
+            raise Failure(EXIT_BAD_REQUEST, f"unauthorized (401): {hint}")
         if response.status == 503 and response.getheader("Retry-After") is not None:
             retry_after = response.getheader("Retry-After", "")
             say(args, f"busy: {_answer_message(response)}")

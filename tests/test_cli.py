@@ -122,3 +122,20 @@ def test_error_event_exits_1(server_without_mbd, tmp_path):
     assert done.returncode == 1
     assert b"generation failed: could not load MultiBand Diffusion" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_token_from_the_environment_or_the_flag(tmp_path):
+    with Server(env={"MUSICGEN_AUTH_TOKEN": "let-me-in"}) as server:
+        server.wait()
+        missing = cli(server.url, "piano", "--duration", "1", "-o", str(tmp_path / "a.wav"))
+        assert missing.returncode == 2, missing.stderr
+        assert b"unauthorized (401): this server needs a token: set MUSICGEN_AUTH_TOKEN or --token" in missing.stderr
+        wrong = cli(server.url, "piano", "--duration", "1", "--token", "nope", "-o", str(tmp_path / "a.wav"))
+        assert wrong.returncode == 2 and b"unauthorized (401): wrong --token" in wrong.stderr
+        assert not list(tmp_path.iterdir())
+        out = tmp_path / "b.wav"
+        done = subprocess.run([sys.executable, "-I", str(CLI), "--url", server.url, "piano", "--duration", "1",
+                               "-o", str(out)], capture_output=True, timeout=120,
+                              env={"MUSICGEN_AUTH_TOKEN": "let-me-in", "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
+        assert wav_info(out.read_bytes())[:3] == (32000, 2, 1)
