@@ -29,11 +29,7 @@ def create_app(settings: tp.Optional[Settings] = None,
 
     if load_model is None:
         from .model import MusicModel
-        load_model = functools.partial(MusicModel.load, settings.model, settings.device, settings.mbd_source,
-                                       settings.mbd_preload, precision=settings.precision,
-                                       cross_kv_cache=settings.cross_kv_cache,
-                                       static_kv_cache=settings.static_kv_cache,
-                                       packed_weights=settings.packed_weights)
+        load_model = functools.partial(MusicModel.from_settings, settings)
     service = GenerationService(load_model, settings.normalize, settings.retry_after_seconds,
                                 settings.idle_unload_seconds)
     from . import api, auth, metrics, web

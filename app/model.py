@@ -4,6 +4,7 @@ Weights come from the Hugging Face cache (downloaded on first use where there is
 local directory, or are the tiny `debug` models. Everything here runs on the generation thread.
 """
 
+import collections
 import contextlib
 import logging
 import os
@@ -20,6 +21,7 @@ from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
 from . import debug_models, fast_lm
 from . import precision as lm_precision
+from .config import Settings
 from .validation import GenerateParams
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ OMEGACONF_GLOBALS: tp.List[tp.Any] = [
     omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.base.ContainerMetadata, omegaconf.base.Metadata,
     omegaconf.nodes.AnyNode, omegaconf.nodes.StringNode, omegaconf.nodes.IntegerNode, omegaconf.nodes.FloatNode,
     omegaconf.nodes.BooleanNode, omegaconf.nodes.EnumNode, omegaconf.nodes.PathNode, omegaconf.nodes.BytesNode,
-    tp.Any, dict, list, int, float, bool, str, __import__("collections").defaultdict,
+    tp.Any, dict, list, int, float, bool, str, collections.defaultdict,
 ]
 
 # audiocraft's NoiseSchedule.generate_subsampled walks 20 denoising steps per band by default.
@@ -126,6 +128,13 @@ class MusicModel:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
         return model
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "MusicModel":
+        """The model as the service runs it (the server, and the benchmark's bare runs)."""
+        return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
+                        precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
+                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights)
 
     @property
     def stereo(self) -> bool:

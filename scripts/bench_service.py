@@ -24,9 +24,7 @@ def _percentile(values: tp.Sequence[float], q: float) -> float:
 
 def _load(name: str) -> MusicModel:
     """The model exactly as the server loads it with default settings."""
-    s = Settings(model=name, device="cpu", mbd_model="debug")
-    return MusicModel.load(s.model, s.device, s.mbd_source, precision=s.precision, cross_kv_cache=s.cross_kv_cache,
-                           static_kv_cache=s.static_kv_cache, packed_weights=s.packed_weights)
+    return MusicModel.from_settings(Settings(model=name, device="cpu", mbd_model="debug"))
 
 
 def _bare(model: MusicModel, duration: int, mbd: bool = False) -> float:
