@@ -4,11 +4,13 @@ import hmac
 
 from flask import Flask, request
 
-from .errors import Unauthorized
-
 # Generation is what costs GPU time. /health stays open for load balancers; /metrics is meant for the
 # instance's private port (deploy/nginx-musicgen.conf refuses it from outside).
 PROTECTED_ENDPOINTS = frozenset({"api.generate_music"})
+
+
+class Unauthorized(Exception):
+    """The bearer token is missing or wrong."""
 
 
 def install(app: Flask, token: str) -> None:
@@ -23,5 +25,4 @@ def install(app: Flask, token: str) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # compare_digest: the time taken says nothing about how much of the token was right.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)",
-                               {"WWW-Authenticate": 'Bearer realm="musicgen"'})
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")

@@ -1,51 +1,29 @@
-"""Domain exceptions and their one mapping to HTTP.
+"""The one mapping of exceptions to HTTP answers.
 
-Every answer that is not a stream has the API's error shape `{"event": "error", "message": ...}`,
-also Flask's own 404/405/413, so a client (or nginx retrying on another backend) sees one format.
+The exceptions live where they are raised and know nothing of HTTP: the request's (`app/validation.py`,
+`app/auth.py`) and the domain's (`app/generation.py`). Every answer that is not a stream has the API's
+error shape `{"event": "error", "message": ...}`, also Flask's own 404/405/413, so a client (or nginx
+retrying on another backend) sees one format.
 """
 
 import logging
 import typing as tp
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
+
+from .auth import Unauthorized
+from .generation import Busy, ModelUnavailable
+from .validation import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-
-class ApiError(Exception):
-    """An error that becomes a JSON answer with `status` before any stream byte."""
-
-    status = 500
-
-    def __init__(self, message: str, headers: tp.Optional[tp.Dict[str, str]] = None):
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
-
-
-class InvalidRequest(ApiError):
-    status = 400
-
-
-class Unauthorized(ApiError):
-    status = 401
-
-
-class Busy(ApiError):
-    """Another generation holds the slot; the request is refused, not queued."""
-
-    status = 503
-
-
-class ModelUnavailable(ApiError):
-    """The model failed to load; retrying the same backend will not help."""
-
-    status = 503
-
-
-class Cancelled(Exception):
-    """Raised inside generation when the client went away or the server is stopping."""
+STATUSES: tp.Dict[tp.Type[Exception], int] = {
+    InvalidRequest: 400,
+    Unauthorized: 401,
+    Busy: 503,  # with Retry-After: this server will take requests again
+    ModelUnavailable: 503,  # without: waiting will not help this one (nginx tries another backend either way)
+}
 
 
 def error_response(status: int, message: str, headers: tp.Optional[tp.Mapping[str, str]] = None) -> Response:
@@ -55,10 +33,17 @@ def error_response(status: int, message: str, headers: tp.Optional[tp.Mapping[st
     return response
 
 
+def _headers(e: Exception) -> tp.Dict[str, str]:
+    if isinstance(e, Busy):
+        return {"Retry-After": str(current_app.config["SETTINGS"].retry_after_seconds)}
+    if isinstance(e, Unauthorized):
+        return {"WWW-Authenticate": 'Bearer realm="musicgen"'}
+    return {}
+
+
 def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def _api_error(e: ApiError) -> Response:
-        return error_response(e.status, e.message, e.headers)
+    for exception, status in STATUSES.items():
+        app.register_error_handler(exception, lambda e, status=status: error_response(status, str(e), _headers(e)))
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> Response:

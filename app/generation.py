@@ -19,9 +19,8 @@ import typing as tp
 import torch
 
 from .audio import to_wav
-from .errors import Busy, Cancelled, ModelUnavailable
 from .model import ModelLoadError
-from .validation import MAX_SEED, GenerateParams
+from .params import MAX_SEED, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,18 @@ log = logging.getLogger(__name__)
 SHARES = {"lm": 0.97, "decode": 0.03}
 SHARES_MBD = {"lm": 0.70, "decode": 0.02, "diffusion": 0.28}
 MIN_PROGRESS_INTERVAL = 0.05  # seconds: at most ~20 progress events a second
+
+
+class Busy(Exception):
+    """Another generation holds the slot, or the server is stopping: refused, not queued; try again later."""
+
+
+class ModelUnavailable(Exception):
+    """The model failed to load; trying this server again will not help."""
+
+
+class Cancelled(Exception):
+    """Raised inside a generation when its client went away or the server is stopping."""
 
 
 class Model(tp.Protocol):
@@ -43,14 +54,14 @@ class Model(tp.Protocol):
     def ensure_mbd(self) -> tp.Any: ...
     def lm_steps(self, duration: float) -> int: ...
     def diffusion_steps(self) -> int: ...
-    def generate(self, params: GenerateParams, seed: int, on_step: tp.Callable[[str], None]) -> torch.Tensor: ...
+    def generate(self, params: GenerationParams, seed: int, on_step: tp.Callable[[str], None]) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass(eq=False)
 class Job:
     """One accepted request. It holds the slot until it ends or, if it never began, until its client leaves."""
 
-    params: GenerateParams
+    params: GenerationParams
     seed: int
     free_slot: tp.Callable[[], None]
     events: "queue.Queue[tp.Dict[str, tp.Any]]" = dataclasses.field(default_factory=queue.Queue)
@@ -126,10 +137,9 @@ class GenerationService:
     """One generation at a time, on one long-lived thread that also loads the model."""
 
     def __init__(self, load_model: tp.Callable[[], Model], normalize: str = "loudness",
-                 retry_after_seconds: int = 5, idle_unload_seconds: float = 0.0):
+                 idle_unload_seconds: float = 0.0):
         self._load_model = load_model
         self._normalize = normalize
-        self._retry_after = str(retry_after_seconds)
         self._idle_unload = idle_unload_seconds
         self._unloaded = False  # the model was unloaded for idleness; the next job loads it again
         self._stopping = False
@@ -155,14 +165,14 @@ class GenerationService:
             return "busy"
         return "ready" if self.model is not None or self._unloaded else "loading"
 
-    def submit(self, params: GenerateParams) -> Job:
+    def submit(self, params: GenerationParams) -> Job:
         """Take the slot and queue the job, or raise at once: nothing waits for the lock."""
         if self.load_error is not None:
             raise ModelUnavailable(f"the model failed to load: {self.load_error}")
         if self._stopping:
-            raise Busy("the server is shutting down; try again later", {"Retry-After": self._retry_after})
+            raise Busy("the server is shutting down; try again later")
         if not self._lock.acquire(blocking=False):
-            raise Busy("another generation is running; try again later", {"Retry-After": self._retry_after})
+            raise Busy("another generation is running; try again later")
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
         job = self.current = Job(params, seed, self._lock.release)
         self._jobs.put(job)

@@ -22,7 +22,7 @@ from audiocraft.modules.diffusion_schedule import NoiseSchedule
 from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
-from .validation import GenerateParams
+from .params import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class MusicModel:
         bands = len(self.mbd.DPs) if self.mbd is not None else debug_models.MBD_BANDS
         return bands * DIFFUSION_STEPS_PER_BAND
 
-    def generate(self, params: GenerateParams, seed: int, on_step: Step) -> torch.Tensor:
+    def generate(self, params: GenerationParams, seed: int, on_step: Step) -> torch.Tensor:
         """Generate one clip and return it as a `[channels, samples]` float tensor on the CPU.
 
         `on_step(stage)` runs after every LM step ("lm"), after EnCodec decoding ("decode") and after

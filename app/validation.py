@@ -1,6 +1,7 @@
 """The request schema of `POST /api/v1/generate_music` and its parser (pure: no Flask, no torch).
 
 The same pydantic model also yields the OpenAPI schema, so the document and the validator cannot drift.
+A valid request becomes the domain's `GenerationParams`, whose defaults the schema states.
 """
 
 import json
@@ -9,11 +10,16 @@ import typing as tp
 import pydantic
 from pydantic import Field, StringConstraints
 
-from .errors import InvalidRequest
+from .params import DEFAULTS, MAX_SEED, GenerationParams
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_DURATION_SECONDS = 60
-MAX_SEED = 2**32 - 1
+
+
+
+class InvalidRequest(ValueError):
+    """The request body is not valid JSON, not an object, or breaks a field's rule (the message says which)."""
+
 
 Description = tp.Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
@@ -25,16 +31,20 @@ class GenerateParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     description: Description = Field(description="What the music should sound like.")
-    duration: int = Field(30, ge=1, le=MAX_DURATION_SECONDS, description="Length of the clip in seconds.")
-    mbd: bool = Field(False, description="Decode with MultiBand Diffusion instead of the EnCodec decoder.")
-    top_k: int = Field(250, ge=0, le=2048, description="Sample from the k likeliest tokens (0 disables).")
-    top_p: float = Field(0.0, ge=0.0, le=1.0, description="Nucleus sampling; when > 0 it overrides top_k.")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Softmax temperature; 0 is greedy decoding.")
-    cfg_coef: float = Field(3.0, ge=0.0, le=30.0, description="Classifier-free guidance coefficient.")
-    seed: tp.Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Same seed, same audio. Random if absent.")
+    duration: int = Field(DEFAULTS.duration, ge=1, le=MAX_DURATION_SECONDS,
+                          description="Length of the clip in seconds.")
+    mbd: bool = Field(DEFAULTS.mbd, description="Decode with MultiBand Diffusion instead of the EnCodec decoder.")
+    top_k: int = Field(DEFAULTS.top_k, ge=0, le=2048, description="Sample from the k likeliest tokens (0 disables).")
+    top_p: float = Field(DEFAULTS.top_p, ge=0.0, le=1.0,
+                         description="Nucleus sampling; when > 0 it overrides top_k.")
+    temperature: float = Field(DEFAULTS.temperature, ge=0.0, le=10.0,
+                               description="Softmax temperature; 0 is greedy decoding.")
+    cfg_coef: float = Field(DEFAULTS.cfg_coef, ge=0.0, le=30.0, description="Classifier-free guidance coefficient.")
+    seed: tp.Optional[int] = Field(DEFAULTS.seed, ge=0, le=MAX_SEED,
+                                   description="Same seed, same audio. Random if absent.")
 
 
-def parse_request(body: bytes) -> GenerateParams:
+def parse_request(body: bytes) -> GenerationParams:
     """Parse a raw request body, raising `InvalidRequest` with a message that names the field and rule."""
     try:
         data = json.loads(body)
@@ -43,9 +53,10 @@ def parse_request(body: bytes) -> GenerateParams:
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
-        return GenerateParams.model_validate(data)
+        request = GenerateParams.model_validate(data)
     except pydantic.ValidationError as e:
         raise InvalidRequest(describe(e.errors()[0])) from None
+    return GenerationParams(**request.model_dump())
 
 
 def describe(error: tp.Mapping[str, tp.Any]) -> str:

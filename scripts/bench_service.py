@@ -11,7 +11,7 @@ import torch
 
 from app.config import Settings
 from app.model import MusicModel
-from app.validation import GenerateParams
+from app.params import GenerationParams
 from tests.helpers import Server, events, generate
 
 SEED = 1234
@@ -28,7 +28,7 @@ def _load(name: str) -> MusicModel:
 
 
 def _bare(model: MusicModel, duration: int, mbd: bool = False) -> float:
-    params = GenerateParams(description="90s rock song", duration=duration, mbd=mbd, seed=SEED)
+    params = GenerationParams(description="90s rock song", duration=duration, mbd=mbd, seed=SEED)
     t = time.perf_counter()
     model.generate(params, SEED, lambda stage: None)
     return time.perf_counter() - t

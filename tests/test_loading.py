@@ -14,7 +14,7 @@ import torch
 
 from app import debug_models
 from app.model import ModelLoadError, MusicModel, load_mbd
-from app.validation import GenerateParams
+from app.params import GenerationParams
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_the_mbd_file_needs_the_allow_list_like_the_real_one(checkpoints):
 def test_a_local_directory_loads_as_the_same_model(checkpoints):
     loaded = MusicModel.load(str(checkpoints), "cpu", str(checkpoints))
     built = MusicModel.load("debug", "cpu", "debug")
-    params = GenerateParams(description="strings", duration=2)
+    params = GenerationParams(description="strings", duration=2)
     assert loaded.sample_rate == 32000 and loaded.channels == 1
     assert torch.equal(loaded.generate(params, 5, lambda stage: None), built.generate(params, 5, lambda stage: None))
 
@@ -54,7 +54,7 @@ def test_mbd_loads_from_a_directory_and_from_the_file(checkpoints):
 
 def test_mbd_through_a_loaded_model_decodes(checkpoints):
     model = MusicModel.load(str(checkpoints), "cpu", str(checkpoints), preload_mbd=True)
-    wav = model.generate(GenerateParams(description="x", duration=1, mbd=True), 1, lambda stage: None)
+    wav = model.generate(GenerationParams(description="x", duration=1, mbd=True), 1, lambda stage: None)
     assert wav.shape == (1, 32000) and torch.isfinite(wav).all()
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from app.errors import Cancelled
+from app.generation import Cancelled
 from app.model import DIFFUSION_STEPS_PER_BAND, MusicModel
-from app.validation import GenerateParams
+from app.params import GenerationParams
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def run(model, on_step=None, **fields):
         if on_step:
             on_step(stage)
 
-    params = GenerateParams(**{"description": "drums and bass", "duration": 2, **fields})
+    params = GenerationParams(**{"description": "drums and bass", "duration": 2, **fields})
     return model.generate(params, fields.get("seed", 0), count), counts
 
 

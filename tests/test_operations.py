@@ -16,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from app.config import ConfigError, Settings
-from app.errors import Busy
-from app.generation import GenerationService
+from app.generation import Busy, GenerationService
 from tests.helpers import Server, events, generate
 from tests.test_generation import FakeModel, drain, params
 

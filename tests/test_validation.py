@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from app.errors import InvalidRequest
-from app.validation import GenerateParams, parse_request
+from app.params import GenerationParams
+from app.validation import InvalidRequest, parse_request
 
 
 def parse(**fields):
@@ -13,8 +13,8 @@ def parse(**fields):
 
 
 def test_defaults_are_the_documented_ones():
-    assert parse(description="x") == GenerateParams(description="x", duration=30, mbd=False, top_k=250, top_p=0.0,
-                                                    temperature=1.0, cfg_coef=3.0, seed=None)
+    assert parse(description="x") == GenerationParams(description="x", duration=30, mbd=False, top_k=250, top_p=0.0,
+                                                      temperature=1.0, cfg_coef=3.0, seed=None)
 
 
 @pytest.mark.parametrize("fields", [
