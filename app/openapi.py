@@ -105,7 +105,7 @@ def document() -> tp.Dict[str, tp.Any]:
             "401": _error("Only when the server is configured with a token (MUSICGEN_AUTH_TOKEN): the "
                           "`Authorization: Bearer <token>` header is missing or wrong.",
                           {"WWW-Authenticate": {"schema": {"const": "Bearer"}}}),
-            "413": _error("The body is larger than the configured limit (default 64 KiB)."),
+            "413": _error("The body is larger than the configured limit (default 16 MiB)."),
             "503": _error("Busy: another generation is running (with `Retry-After`); or the model failed "
                           "to load (without it: retrying this backend will not help).",
                           {"Retry-After": {"description": "Seconds to wait before trying again (when busy).",

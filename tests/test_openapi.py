@@ -105,7 +105,7 @@ def test_stream_events_health_and_errors_match_the_document(document, idle_serve
     error_schema = schema_validator(document, "ErrorResponse")
     for answer in (requests.get(idle_server.url + "/nowhere", timeout=10),
                    requests.get(idle_server.url + "/api/v1/generate_music", timeout=10),
-                   generate(idle_server.url, b"x" * (65 * 1024), timeout=10),
+                   generate(idle_server.url, b"x" * (16 * 2**20 + 1), timeout=30),
                    generate(idle_server.url, b"{not json", timeout=10)):
         assert answer.status_code in (404, 405, 413, 400)
         error_schema.validate(answer.json())
