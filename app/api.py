@@ -6,9 +6,10 @@ import typing as tp
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import sse
+from . import audio_input, sse
 from .config import Settings
 from .generation import GenerationService, Job
+from .params import FORMATS
 from .validation import parse_request
 
 bp = Blueprint("api", __name__)
@@ -24,7 +25,8 @@ def _settings() -> Settings:
 
 @bp.post("/api/v1/generate_music")
 def generate_music() -> Response:
-    params = parse_request(request.get_data(cache=False))  # 400 / 413 before anything else
+    # 400 / 413 before anything else; the audio fields are decoded here too, on this request's thread.
+    params = parse_request(request.get_data(cache=False), audio_input.read)
     job = _service().submit(params)  # 503 at once when busy
     # Nothing may fail between taking the slot and returning the response: closing the response
     # (end of stream, or the client went away) is what cancels the job, even if it never started.
@@ -66,4 +68,5 @@ def health() -> Response:
         channels=model.channels if model else None,
         error=service.load_error,
         uptime_seconds=round(time.time() - service.started_at, 1),
+        features={"melody": bool(model and model.supports_melody), "audio_prompt": True, "formats": list(FORMATS)},
     )

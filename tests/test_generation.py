@@ -15,7 +15,7 @@ from app.params import GenerationParams
 
 
 class FakeModel:
-    name, device, sample_rate, channels = "fake", "cpu", 32000, 1
+    name, device, sample_rate, channels, supports_melody = "fake", "cpu", 32000, 1, False
 
     def __init__(self, steps: int = 50, step_seconds: float = 0.0, fail_at: int = -1):
         self.steps, self.step_seconds, self.fail_at = steps, step_seconds, fail_at
@@ -26,7 +26,10 @@ class FakeModel:
     def ensure_mbd(self):
         return None
 
-    def lm_steps(self, duration):
+    def check(self, params):
+        return None
+
+    def lm_steps(self, duration, prompt=None):
         return self.steps
 
     def diffusion_steps(self):

@@ -5,7 +5,7 @@ import torch
 
 from app.generation import Cancelled
 from app.model import DIFFUSION_STEPS_PER_BAND, MusicModel
-from app.params import GenerationParams
+from app.params import AudioClip, GenerationParams, UnsupportedRequest
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,48 @@ def test_planned_lm_steps_match_the_callbacks_audiocraft_makes(mono, duration):
     assert counts["lm"] == mono.lm_steps(duration)
     assert counts["decode"] == 1
     assert wav.shape == (1, duration * 32000)
+
+
+def clip(seconds, channels=1):
+    return AudioClip(torch.randn(channels, round(seconds * 32000)) * 0.1, 32000)
+
+
+@pytest.mark.parametrize("duration, prompt_seconds", [(2, 1.0), (5, 1.37), (31, 29.0), (35, 1.5)])
+def test_planned_lm_steps_match_the_callbacks_with_an_audio_prompt(mono, duration, prompt_seconds):
+    # The prompt's frames are the first window's prompt: fewer steps, still counted exactly (also windowed).
+    prompt = clip(prompt_seconds)
+    wav, counts = run(mono, duration=duration, audio_prompt=prompt)
+    assert counts["lm"] == mono.lm_steps(duration, prompt) < mono.lm_steps(duration)
+    assert wav.shape == (1, duration * 32000)
+
+
+def test_a_continuation_begins_with_its_prompt_as_the_codec_renders_it(mono):
+    prompt = clip(3.0)
+    codec = mono.musicgen.compression_model
+    with torch.no_grad():
+        rendered = codec.decode(codec.encode(prompt.wav[None])[0])[0]
+    first, _ = run(mono, duration=5, seed=1, audio_prompt=prompt)
+    second, _ = run(mono, duration=5, seed=2, audio_prompt=prompt)
+    kept = 3 * 32000 - 6400  # the decoder's last frames before the seam also hear what follows
+    assert torch.allclose(first[:, :kept], rendered[:, :kept], atol=1e-5)
+    assert torch.equal(first[:, :kept], second[:, :kept])
+    assert not torch.allclose(first[:, 3 * 32000:], second[:, 3 * 32000:], atol=1e-3)
+
+
+def test_a_stereo_model_continues_a_mono_prompt_in_stereo(stereo):
+    wav, counts = run(stereo, duration=3, audio_prompt=clip(1.5))
+    assert wav.shape == (2, 3 * 32000) and counts["lm"] == stereo.lm_steps(3, clip(1.5))
+
+
+def test_what_the_model_cannot_do_is_refused_naming_the_field(mono):
+    assert not mono.supports_melody
+    with pytest.raises(UnsupportedRequest, match=r"^melody: the loaded model \(debug\) does not take a melody"):
+        mono.check(GenerationParams("x", melody=clip(2.0)))
+    with pytest.raises(UnsupportedRequest, match=r"^audio_prompt: 29.50 s long, at most 29 s"):
+        mono.check(GenerationParams("x", duration=40, audio_prompt=clip(29.5)))
+    mono.check(GenerationParams("x", duration=40, audio_prompt=clip(29.0)))
+    with pytest.raises(UnsupportedRequest, match=r"^audio_prompt: 3.00 s long, so duration \(3 s"):
+        GenerationParams("x", duration=3, audio_prompt=clip(3.0))  # as long as the whole clip
 
 
 def test_same_seed_same_audio_other_seed_other_audio(mono):
