@@ -18,6 +18,7 @@ Exit codes:
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -205,10 +206,9 @@ def attempt(args: argparse.Namespace, bar: ProgressBar,
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if args.token:
             headers["Authorization"] = f"Bearer {args.token}"
-        try:
+        # A server may answer before it has read the whole body (413, 401) and close: its answer is waiting.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.request("POST", url.path.rstrip("/") + PATH, body=body, headers=headers)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered before reading the whole body (413, 401): its answer is waiting
         response = conn.getresponse()
         if response.status == 401:
             hint = "wrong --token" if args.token else "this server needs a token: set MUSICGEN_AUTH_TOKEN or --token"
