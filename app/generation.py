@@ -50,7 +50,7 @@ class Model(tp.Protocol):
     device: str
     sample_rate: int
     channels: int
-    supports_melody: bool
+    melody: bool  # the model follows a melody
 
     def check(self, params: GenerationParams) -> None: ...
     def ensure_mbd(self) -> tp.Any: ...

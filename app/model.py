@@ -109,8 +109,6 @@ class MusicModel:
         self.device: str = str(musicgen.device)
         self.sample_rate: int = musicgen.sample_rate
         self.channels: int = musicgen.audio_channels
-        # Melody models condition on a chromagram of a waveform (audiocraft's `self_wav` attribute).
-        self.supports_melody: bool = "self_wav" in musicgen.lm.condition_provider.conditioners
 
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
@@ -163,7 +161,7 @@ class MusicModel:
     def check(self, params: GenerationParams) -> None:
         """Raise `UnsupportedRequest` for what this model cannot do: a melody without a melody model, or an
         audio prompt that leaves the first window less than a second to continue it."""
-        if params.melody is not None and not self.supports_melody:
+        if params.melody is not None and not self.melody:
             raise UnsupportedRequest(
                 f"melody: the loaded model ({self.name}) does not take a melody; melody models are "
                 "facebook/musicgen-melody, -melody-large and -stereo-melody(-large) (GET /health: features.melody)")

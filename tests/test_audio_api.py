@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 
 from app import audio_input, debug_models
-from tests.audio_samples import b64, bad_inputs, decode, encode, tone, wav64
+from tests.audio_samples import b64, bad_inputs, decode, encode, melody, tone, wav64
 from tests.helpers import Server, events, generate, wav_info
 
 V1_0_START = {"event", "model", "sample_rate", "channels", "duration", "seed", "mbd"}
@@ -73,9 +73,9 @@ def test_normalization_is_per_request(idle_server):
     assert len({round(level, 3) for level in levels.values()}) == 3, levels
 
 
-def codec_rendering(clip: torch.Tensor) -> torch.Tensor:
+def codec_rendering(clip: torch.Tensor, model: str = "debug") -> torch.Tensor:
     """What the served debug model's EnCodec makes of a waveform (its weights are seeded: the same here)."""
-    codec = debug_models.build_musicgen().compression_model
+    codec = debug_models.build_musicgen(model).compression_model
     with torch.no_grad():
         return codec.decode(codec.encode(clip[None])[0])[0]
 
@@ -144,6 +144,39 @@ def test_what_the_model_or_the_clip_cannot_do_is_400(idle_server, body, says):
 def test_health_says_what_the_model_can_do(idle_server):
     assert idle_server.health()["features"] == {"melody": False, "audio_prompt": True,
                                                "formats": ["wav", "flac", "mp3", "ogg"]}
+
+
+@pytest.fixture(scope="module")
+def melody_server():
+    with Server({"MUSICGEN_MODEL": "debug-melody"}) as server:
+        server.wait()
+        yield server
+
+
+def test_a_melody_changes_the_clip_against_no_melody_same_seed(melody_server):
+    assert melody_server.health()["features"]["melody"] is True
+    tune = b64(encode(melody(5.0, 44100), 44100, "OGG", "VORBIS"))
+    plain = run(melody_server.url, duration=3, seed=9, normalization="clip")
+    followed = run(melody_server.url, duration=3, seed=9, normalization="clip", melody=tune)
+    assert abs(followed[0]["melody"]["seconds"] - 5.0) < 0.01 and followed[0]["audio_prompt"] is None
+    with_melody, without = samples_of(followed[-1])[0], samples_of(plain[-1])[0]
+    assert with_melody.shape == without.shape == (3 * 32000, 1)
+    assert np.abs(with_melody - without).mean() > 1e-4
+
+
+def test_melody_and_continuation_at_once(melody_server):
+    prompt = wav64(2.0)
+    received = run(melody_server.url, duration=4, seed=2, melody=wav64(3.0, freq=330.0), audio_prompt=prompt,
+                   format="flac", normalization="clip")
+    start, done = received[0], received[-1]
+    assert start["melody"] == {"seconds": 3.0} and start["audio_prompt"] == {"seconds": 2.0}
+    samples, rate = samples_of(done)
+    assert (rate, samples.shape, done["format"]) == (32000, (4 * 32000, 1), "flac")
+    rendered = codec_rendering(audio_input.read("audio_prompt", prompt).wav, "debug-melody")
+    kept = 2 * 32000 - 6400
+    assert np.abs(samples[:kept, 0] - rendered[0, :kept].numpy()).max() < 1e-3  # the prompt is kept
+    progress = [e["progress"] for e in received if e["event"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 100
 
 
 def test_a_stereo_model_continues_in_stereo_in_every_format():
