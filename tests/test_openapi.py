@@ -9,6 +9,7 @@ import requests
 from openapi_spec_validator import validate
 
 from app.validation import GenerateParams
+from tests.audio_samples import wav64
 from tests.helpers import events, generate
 
 
@@ -120,3 +121,21 @@ def test_a_schema_change_would_show(document):
     served = json.loads(json.dumps(document["components"]["schemas"]["GenerateParams"]))
     served["properties"]["description"]["description"] = own["properties"]["description"]["description"]
     assert served == own
+
+
+def test_version_1_1_events_and_health_are_documented_field_by_field(document, idle_server):
+    stream_event = schema_validator(document, "StreamEvent")
+    schemas = document["components"]["schemas"]
+    body = {"description": "short", "duration": 2, "format": "ogg", "normalization": "peak",
+            "audio_prompt": wav64(1.0)}
+    with generate(idle_server.url, body) as response:
+        received = list(events(response))
+    for event in received:
+        stream_event.validate(event)
+    start, done = received[0], received[-1]
+    assert done["event"] == "completed" and done["format"] == "ogg" and start["audio_prompt"] == {"seconds": 1.0}
+    assert set(start) <= set(schemas["StartEvent"]["properties"])  # nothing the server sends goes undocumented
+    assert set(done) <= set(schemas["CompletedEvent"]["properties"])
+    health = requests.get(idle_server.url + "/health", timeout=10).json()
+    assert set(health) <= set(schemas["Health"]["properties"])
+    assert set(health["features"]) == set(schemas["Health"]["properties"]["features"]["properties"])
