@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from . import audio_input, sse
 from .config import Settings
 from .generation import GenerationService, Job
-from .params import FORMATS
+from .params import FORMATS, AudioClip
 from .validation import parse_request
 
 bp = Blueprint("api", __name__)
@@ -25,9 +25,15 @@ def _settings() -> Settings:
 
 @bp.post("/api/v1/generate_music")
 def generate_music() -> Response:
+    service = _service()
+
+    def read_audio(field: str, text: str) -> AudioClip:
+        service.check_available()  # a busy server answers 503 at once, without decoding the file first
+        return audio_input.read(field, text)
+
     # 400 / 413 before anything else; the audio fields are decoded here too, on this request's thread.
-    params = parse_request(request.get_data(cache=False), audio_input.read)
-    job = _service().submit(params)  # 503 at once when busy
+    params = parse_request(request.get_data(cache=False), read_audio)
+    job = service.submit(params)  # 503 at once when busy
     # Nothing may fail between taking the slot and returning the response: closing the response
     # (end of stream, or the client went away) is what cancels the job, even if it never started.
     response = Response(stream(job, _settings().keepalive_seconds),

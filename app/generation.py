@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SHARES = {"lm": 0.97, "decode": 0.03}
 SHARES_MBD = {"lm": 0.70, "decode": 0.02, "diffusion": 0.28}
 MIN_PROGRESS_INTERVAL = 0.05  # seconds: at most ~20 progress events a second
+BUSY = "another generation is running; try again later"
 
 
 class Busy(Exception):
@@ -173,19 +174,26 @@ class GenerationService:
         What the loaded model cannot do (`UnsupportedRequest`) is refused here, before the slot is taken;
         while the model loads, the worker checks it and ends the stream with an error event instead.
         """
-        if self.load_error is not None:
-            raise ModelUnavailable(f"the model failed to load: {self.load_error}")
-        if self._stopping:
-            raise Busy("the server is shutting down; try again later")
+        self.check_available()
         model = self.model
         if model is not None:
             model.check(params)
         if not self._lock.acquire(blocking=False):
-            raise Busy("another generation is running; try again later")
+            raise Busy(BUSY)
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
         job = self.current = Job(params, seed, self._lock.release)
         self._jobs.put(job)
         return job
+
+    def check_available(self) -> None:
+        """Raise what `submit` would refuse a job with now, without taking the slot: the edge asks before work
+        that a busy server would waste (decoding audio inputs)."""
+        if self.load_error is not None:
+            raise ModelUnavailable(f"the model failed to load: {self.load_error}")
+        if self._stopping:
+            raise Busy("the server is shutting down; try again later")
+        if self._lock.locked():
+            raise Busy(BUSY)
 
     def shutdown(self, grace_seconds: float) -> None:
         """SIGTERM (scripts/gunicorn.conf.py): refuse new jobs, and end a job that has not finished shortly

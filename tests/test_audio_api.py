@@ -141,6 +141,16 @@ def test_what_the_model_or_the_clip_cannot_do_is_400(idle_server, body, says):
     assert idle_server.health()["status"] == "ready"
 
 
+def test_a_busy_server_answers_503_without_decoding_the_audio(idle_server):
+    with generate(idle_server.url, {"description": "hold the slot", "duration": 60}) as holder:
+        assert holder.status_code == 200
+        for audio in (wav64(2.0), "not even base64"):  # the file is not looked at: busy comes first
+            r = generate(idle_server.url, {"description": "second", "duration": 3, "audio_prompt": audio}, timeout=30)
+            assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+        assert refused(idle_server.url, format="aac").startswith("format: ")  # the schema still comes first
+    idle_server.wait(timeout=10)
+
+
 def test_health_says_what_the_model_can_do(idle_server):
     assert idle_server.health()["features"] == {"melody": False, "audio_prompt": True,
                                                "formats": ["wav", "flac", "mp3", "ogg"]}
