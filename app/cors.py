@@ -33,13 +33,12 @@ def install(app: Flask, origins: tp.Sequence[str]) -> None:
     app.before_request(_preflight)
 
 
-def is_preflight() -> bool:
-    return (request.method == "OPTIONS" and "Origin" in request.headers
-            and "Access-Control-Request-Method" in request.headers)
-
-
 def _preflight() -> tp.Optional[Response]:
     """A routed preflight gets 204 (flask-cors adds its headers); an unknown path keeps its 404."""
-    if is_preflight() and request.routing_exception is None:
-        return Response(status=204)
-    return None
+    preflight = (request.method == "OPTIONS" and "Origin" in request.headers
+                 and "Access-Control-Request-Method" in request.headers)
+    if not preflight or request.routing_exception is not None:
+        return None
+    response = Response(status=204)
+    del response.headers["Content-Type"]  # no body, so no type
+    return response

@@ -133,7 +133,7 @@ def test_preflight_is_answered_at_once_without_the_slot_and_is_not_a_request(idl
     before = requests_total(url)
     preflights = log_lines(idle_server, r'"OPTIONS /api/v1/generate_music HTTP/1.1" 204')
     answer = preflight(url)
-    assert answer.status_code == 204 and answer.content == b""
+    assert answer.status_code == 204 and answer.content == b"" and "Content-Type" not in answer.headers
     assert cors_headers(answer) == {
         "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST",
         "Access-Control-Allow-Headers": "authorization, content-type",
@@ -153,6 +153,21 @@ def test_preflight_is_answered_at_once_without_the_slot_and_is_not_a_request(idl
     assert "Access-Control-Allow-Methods" not in preflight(url, method="PUT").headers
     assert preflight(url, headers="content-type,x-other").headers["Access-Control-Allow-Headers"] == "content-type"
     assert preflight(url, path="/nowhere").status_code == 404
+
+
+def test_the_openapi_document_describes_what_the_server_answers(idle_server):
+    document = requests.get(idle_server.url + "/api/v1/openapi.json", timeout=10).json()
+    documented = document["paths"][GENERATE]["options"]["responses"]["204"]["headers"]
+    answer = preflight(idle_server.url)
+    assert set(cors_headers(answer)) - {"Access-Control-Expose-Headers"} == set(documented)
+    assert documented["Access-Control-Allow-Methods"]["schema"]["const"] == answer.headers[
+        "Access-Control-Allow-Methods"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                assert "Access-Control-Allow-Origin" in response["headers"], (path, method, status)
+    assert document["components"]["headers"]["Access-Control-Expose-Headers"]["schema"]["const"] == answer.headers[
+        "Access-Control-Expose-Headers"]
 
 
 def test_a_500_and_a_failed_model_carry_it_too():
