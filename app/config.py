@@ -7,10 +7,12 @@ typo fails the start-up with a message instead of the first request. gunicorn's 
 
 import dataclasses
 import os
+import re
 import typing as tp
 
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#*\s]+", re.IGNORECASE)  # what a browser sends in `Origin`
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,9 @@ class Settings:
     # MUSICGEN_PACKED_WEIGHTS: reorder the LM's weights once into oneDNN's packed layout, which a decoding step
     # reads about twice as fast (logits within float rounding of stock; the LM can then only generate). CPU only.
     packed_weights: bool = True
+    # MUSICGEN_CORS_ORIGINS: the origins (scheme://host[:port]) whose web pages may call the API from a browser,
+    # separated by commas or spaces; `*` (default): any origin, without credentials. Others get no CORS headers.
+    cors_origins: str = "*"
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -81,6 +86,7 @@ class Settings:
             raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+        _check_origins(self.allowed_origins)
 
     @property
     def mbd_source(self) -> str:
@@ -88,6 +94,11 @@ class Settings:
         if self.mbd_model:
             return self.mbd_model
         return "debug" if self.model.startswith("debug") else "facebook/multiband-diffusion"
+
+    @property
+    def allowed_origins(self) -> tp.Tuple[str, ...]:
+        """MUSICGEN_CORS_ORIGINS as a tuple: ("*",) or the listed origins."""
+        return tuple(self.cors_origins.replace(",", " ").split())
 
     @classmethod
     def from_env(cls, environ: tp.Mapping[str, str] = os.environ) -> "Settings":
@@ -115,3 +126,13 @@ def _convert(name: str, kind: tp.Any, raw: str) -> tp.Any:
     except ValueError:
         raise ConfigError(f"{variable}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
     return raw
+
+
+def _check_origins(origins: tp.Tuple[str, ...]) -> None:
+    if not origins:
+        raise ConfigError("MUSICGEN_CORS_ORIGINS is empty: use * or a list of origins")
+    if origins != ("*",):
+        for origin in origins:
+            if not ORIGIN.fullmatch(origin):
+                raise ConfigError(f"MUSICGEN_CORS_ORIGINS: {origin!r} is not an origin: use scheme://host[:port] "
+                                  "(no path, no trailing slash), or * alone for any origin")

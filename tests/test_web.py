@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.web import CONTENT_SECURITY_POLICY
 from tests.audio_samples import decode, encode, melody, tone
 from tests.helpers import ARTIFACTS, ROOT, Server, events, generate
 
@@ -53,7 +54,9 @@ def test_page_and_static_files_are_served(idle_server):
 
 def test_generate_shows_progress_and_a_playable_wav(idle_server):
     result = run_scenario("generate", idle_server.url)
-    assert result["consoleErrors"] == []
+    # All of it under the page's strict policy (app/web.py), which refused nothing the page does.
+    assert result["policy"] == CONTENT_SECURITY_POLICY and "default-src 'none'" in result["policy"]
+    assert result["cspViolations"] == [] and result["consoleErrors"] == []
     # The form is built from the validator's schema: defaults, ranges, and the advanced ones folded away.
     form = {field["name"]: field for field in result["form"]}
     assert list(form) == ["duration", "mbd", "top_k", "top_p", "temperature", "cfg_coef", "seed"]
