@@ -49,8 +49,9 @@ class Settings:
     # MUSICGEN_AUTH_TOKEN: when set, POST /api/v1/generate_music needs `Authorization: Bearer <token>` and
     # answers 401 otherwise. Empty: no authentication, as the original clients expect.
     auth_token: str = dataclasses.field(default="", repr=False)  # kept out of logs
-    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (bf16 where the CPU has native bf16, else fp32),
-    # fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py). CUDA keeps audiocraft's fp16.
+    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (int8-dynamic where the CPU has VNNI, else bf16 where
+    # it has native bf16, else fp32), fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py).
+    # CUDA keeps audiocraft's fp16.
     precision: str = "auto"
     # MUSICGEN_CROSS_KV_CACHE: project the text conditioning to cross-attention keys/values once per
     # generation instead of at every step of every layer (same tokens as stock; 0 restores stock). CPU only.

@@ -122,8 +122,9 @@ class MusicModel:
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
             cross_kv_cache = static_kv_cache = packed_weights = False
-        log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
-                 fast_lm.install(lm, cross_kv_cache, static_kv_cache, packed_weights))
+        resolved = lm_precision.apply(lm, precision, device)
+        log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
+            lm, cross_kv_cache, static_kv_cache, packed_weights, int8_weights=resolved == "int8-dynamic"))
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
