@@ -11,6 +11,7 @@ import typing as tp
 
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
+DECODER_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,12 @@ class Settings:
     # MUSICGEN_PACKED_WEIGHTS: reorder the LM's weights once into oneDNN's packed layout, which a decoding step
     # reads about twice as fast (logits within float rounding of stock; the LM can then only generate). CPU only.
     packed_weights: bool = True
+    # MUSICGEN_CPU_THREADS: torch's CPU threads for a generation, set on the generation thread (app/threads.py).
+    # 0: every core this process may use (its CPU affinity).
+    cpu_threads: int = 0
+    # MUSICGEN_DECODER_PRECISION: the EnCodec decoder's precision on CPU: auto (bf16 where the CPU has native bf16,
+    # else fp32), fp32 or bf16 (app/codec.py). CUDA keeps fp32.
+    decoder_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -78,6 +85,11 @@ class Settings:
             raise ConfigError("MUSICGEN_IDLE_UNLOAD_SECONDS must be 0 (never) or more")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.decoder_precision not in DECODER_PRECISIONS:
+            raise ConfigError(f"MUSICGEN_DECODER_PRECISION={self.decoder_precision!r}: use one of "
+                              f"{', '.join(DECODER_PRECISIONS)}")
+        if self.cpu_threads < 0:
+            raise ConfigError("MUSICGEN_CPU_THREADS must be 0 (every core this process may use) or more")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
 

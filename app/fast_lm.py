@@ -24,6 +24,7 @@ weights instead (`Int8Linear`): half the bytes of bf16, multiplied by int8 activ
 """
 
 import contextlib
+import ctypes
 import functools
 import types
 import typing as tp
@@ -305,4 +306,13 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
         counts["packed_weights"] += _pack_linears(lm.transformer, pack) + _pack_linears(lm.linears, pack)
     if counts["static_kv_cache"]:
         lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
+    if counts["packed_weights"]:
+        _return_freed_memory()
     return counts
+
+
+def _return_freed_memory() -> None:
+    """Give the dense weights that packing freed back to the system: glibc keeps freed blocks of a few MB in its
+    heap (musicgen-small-sized: 2.8 GB resident after int8 packing, 1.6 GB after this)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
