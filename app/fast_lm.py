@@ -307,11 +307,11 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
     if counts["static_kv_cache"]:
         lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
     if counts["packed_weights"]:
-        _return_freed_memory()
+        return_freed_memory()
     return counts
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the dense weights that packing freed back to the system: glibc keeps freed blocks of a few MB in its
     heap (musicgen-small-sized: 2.8 GB resident after int8 packing, 1.6 GB after this)."""
     with contextlib.suppress(OSError, AttributeError):

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scripts.bench_lm import DEFAULT  # noqa: E402
+from scripts.bench_lm import BF16_DEFAULT, DEFAULT  # noqa: E402
 
 
 def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> str:
@@ -30,14 +30,18 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         "",
         "Written by `scripts/bench.py`" + (" --quick" if r["quick"] else "") + f" in {r['wall_seconds']} s. "
         f"Machine: {m['host']}, CPU {m['cpu']}, {m['cores']} cores (shared with other work), torch {m['torch']} "
-        f"with {m['torch_threads']} thread(s), Python {m['python']}, AVX512-BF16 {m['cpu_bf16']}, AMX {m['amx']}; "
-        f"{m['date']}. No GPU. Load (`uptime`) at the start and after each section:",
+        f"with {m['torch_threads']} thread(s) in the decoding-step sections, Python {m['python']}, AVX512-BF16 "
+        f"{m['cpu_bf16']}, AMX {m['amx']}; CPU family {m.get('cpu_family')} model {m.get('cpu_model')} stepping "
+        f"{m.get('cpu_stepping')}, flags {', '.join(m.get('cpu_flags') or [])}; transparent huge pages "
+        f"`{m.get('transparent_hugepages')}`; OMP_WAIT_POLICY {m.get('omp_wait_policy')}; {m['date']}. No GPU. "
+        "Load (`uptime`) at the start and after each section:",
         "",
         "```", *r["uptime"], "```",
         "",
         "Absolute times move with the neighbours' load; the ratios are of figures measured side by side "
         "(interleaved step by step or request by request) and move much less.",
         "",
+        *_cpu_part(r),
         f"## LM decoding step, musicgen-small size (random weights, CFG batch 2), {steps['steps']} steps "
         "round-robin",
         "",
@@ -51,10 +55,14 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
                [[name, v["ms_per_step"], v["ms_p90"], v["steps_per_s"], v["speedup_vs_stock"],
                  v.get("mean_kl", "-"), v.get("top1_agreement", "-")] for name, v in steps["variants"].items()]),
         "",
-        f"Memory-bandwidth floor: {floor['ms_per_step']} ms/step ({floor['bf16_weight_mb']} MB of bf16 weights read "
-        f"per step at {floor['read_gb_s']} GB/s, the rate of a plain sum over 512 MB in this run); the service's CPU "
-        f"default ({DEFAULT}) runs at {steps['variants'][DEFAULT]['ms_per_step'] / floor['ms_per_step']:.1f}x "
-        "the floor.",
+        f"Memory-bandwidth floor: {floor['ms_per_step']} ms/step in bf16 ({floor['bf16_weight_mb']} MB of bf16 "
+        f"weights read per step at {floor['read_gb_s']} GB/s, the rate of a plain sum over 512 MB in this run), "
+        f"{floor.get('int8_ms_per_step', '-')} ms/step in int8. The service's CPU default where the CPU has VNNI "
+        f"({DEFAULT}) runs at {_x(steps, DEFAULT, floor['ms_per_step'])}x the bf16 floor and "
+        f"{steps['variants'][DEFAULT]['speedup_vs_stock']}x stock's steps/s; the default where bf16 is native but "
+        f"VNNI is not ({BF16_DEFAULT}) at {_x(steps, BF16_DEFAULT, floor['ms_per_step'])}x the bf16 floor.",
+        "",
+        *_peaked_part(r),
         "",
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
@@ -70,6 +78,8 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
                [[name, *[curve[d] for d in (1, 10, 30, 60)]]
                 for name, curve in r["decode_costs"]["seconds_per_audio_second"].items()]),
         "",
+        *_contention_part(r),
+        *_real_codec_part(r),
         "## Debug model, bare, seconds of compute per second of audio (measured; plot, middle)",
         "",
         _table(["decoder", *[f"{d} s" for d in r["debug_durations"]["EnCodec"]]],
@@ -102,6 +112,96 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
     ]
     md.write_text("\n".join(parts))
     _plot(r, png)
+
+
+def _x(steps: tp.Dict[str, tp.Any], name: str, floor_ms: float) -> str:
+    return f"{steps['variants'][name]['ms_per_step'] / floor_ms:.2f}"
+
+
+def _cpu_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    """Why the same code runs at different speeds on different machines: the kernels and their read rates."""
+    if "cpu" not in r:
+        return []
+    cpu, rates = r["cpu"], r["cpu"]["rates"]
+    kernels = ", ".join(f"{kind}: `{impl}`" for kind, impl in cpu["onednn"]["kernels"].items())
+    return [
+        "## The CPU, its kernels and how fast they read weights (1 thread, round-robin)",
+        "",
+        f"oneDNN dispatches to {cpu['onednn']['isa']}; kernels (ONEDNN_VERBOSE): {kernels}. The service's int8 "
+        "products run PyTorch's x86 dynamic quantization, whose kernels are fbgemm's (VNNI where the CPU has it), "
+        "not oneDNN's: oneDNN's own int8 path (above) ran slower per call in this service's 2-row products.",
+        "",
+        f"The 6 products of each of {rates['layers']} layers with distinct weights ({rates['weights_mb']['bf16']} MB "
+        f"in bf16, {rates['weights_mb']['int8']} MB in int8), 2 rows (the CFG pair), streamed from memory as a "
+        "decoding step reads them, and the same kernels on one layer's weights run as many times (hot: in the "
+        f"cache, what the kernel computes at when memory is not in the way). A plain sum read {rates['sum_gb_s']} "
+        "GB/s in this run.",
+        "",
+        _table(["kernel", "ms", "weights read GB/s", "share of the sum's rate"],
+               [[name, v["ms"], v["gb_s"], v["share_of_sum_rate"]] for name, v in rates["products"].items()]),
+        "",
+    ]
+
+
+def _peaked_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "peaked_drift" not in r:
+        return []
+    p = r["peaked_drift"]
+    return [
+        f"## Drift on peaked distributions (output heads x {p['head_scale']}), {p['steps']} steps",
+        "",
+        "Random weights give near-flat distributions, which hide errors; scaling the output heads makes them "
+        f"peaked like a trained model's (stock's mean top-1 probability here: {p['stock_mean_top1_probability']}). "
+        "It sharpens the output only: the activation outliers of trained weights are not modelled.",
+        "",
+        _table(["variant", "mean KL vs fp32", "top-1 agreement"],
+               [[name, v["mean_kl"], v["top1_agreement"]] for name, v in p["variants"].items()]),
+    ]
+
+
+def _contention_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "contention" not in r:
+        return []
+    c = r["contention"]
+    rows = [[name, c["torch_threads"][name], c["seconds"]["quiet"][name], c["seconds"]["contended"][name],
+             c["contended_over_best_quiet"][name]] for name in c["seconds"]["quiet"]]
+    return [
+        f"## Under contention: a {c['clip_seconds']} s {c['model']} clip, quiet and with a CPU hog on each of the "
+        f"{c['cores']} cores",
+        "",
+        f"Each setting in its own process (OpenMP reads its wait policy once), generating on one long-lived thread "
+        f"as the service does; medians of {c['rounds']} round(s), round-robin. A run is stopped at "
+        f"{c['cap_seconds']} s (a collapsing setting would take minutes): that figure means \"at least\". A fair "
+        "share of the cores is half, so 2x the quiet time is what sharing costs; the goal is at most 2.5x.",
+        "",
+        _table(["setting", "torch threads", "quiet s", "with hogs s", "with hogs / best quiet"], rows),
+        "",
+    ]
+
+
+def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "real_codec_clips" not in r:
+        return []
+    d, c = r["decoder"], r["real_codec_clips"]
+    return [
+        "## End to end with a real-size EnCodec decoder (musicgen-small-sized LM)",
+        "",
+        f"transformers' EncodecModel from facebook/encodec_32khz's configuration, random weights "
+        f"({d['parameters_m']} M parameters). Its decoder on {d['seconds']} s of tokens, fp32 vs the service's "
+        f"default ({d['default']}), round-robin: {d['speedup']}x faster, relative squared error "
+        f"{d['relative_squared_error']}; seconds per second of audio: "
+        + ", ".join(f"{name} {v}" for name, v in d["s_per_audio_s"].items()) + ".",
+        "",
+        f"Whole clips with the service's defaults (LM {c['precision']}, decoder {c['decoder']}, {c['threads']} torch "
+        "thread(s)) and that decoder. debug-small conditions on a look-up table: the text encoding is a t5-base-sized "
+        "encoder (random weights) timed apart on a 12-token prompt and added.",
+        "",
+        _table(["clip", "text (T5-base size) s", "LM s", "LM ms/step", "EnCodec s", "WAV s", "total s",
+                "compute s per audio s"],
+               [[k, v["t5_s"], v["lm_s"], v["lm_ms_per_step"], v["decode_s"], v["wav_s"], v["total_s"],
+                 v["s_per_audio_s"]] for k, v in c["clips"].items()]),
+        "",
+    ]
 
 
 def _plot(r: tp.Dict[str, tp.Any], png: Path) -> None:

@@ -76,16 +76,18 @@ def hogs(count: int) -> tp.Iterator[None]:
             spinner.wait()
 
 
-def contention(model: str = "debug-small", rounds: int = 3, cap_ratio: float = 12.0) -> tp.Dict[str, tp.Any]:
+def contention(model: str = "debug-small", rounds: int = 3, cap_ratio: float = 8.0) -> tp.Dict[str, tp.Any]:
     """Seconds for the same clip per setting, quiet and with a hog on every core, round-robin; the ratios are of
     each setting's time under contention to the best setting's quiet time. A run is stopped at `cap_ratio` times
-    the warm-up's best time (a collapsing setting would take minutes), and reports that cap: read it as "more"."""
+    the best warm-up time (a collapsing setting would take minutes), and reports that cap: read it as "more"."""
     cores = len(os.sched_getaffinity(0))
     children = {name: _Child(model, env) for name, env in settings_to_compare(cores).items()}
     try:
         threads = {name: child.ready()["torch_threads"] for name, child in children.items()}
-        warm = min(child.run() for child in children.values())
-        cap = round(cap_ratio * warm, 1)
+        warm: tp.List[float] = []  # 1 thread first: it cannot collapse, and it bounds the others' warm-up
+        for child in children.values():
+            warm.append(child.run(round(cap_ratio * min(warm), 1) if warm else 0.0))
+        cap = round(cap_ratio * min(warm), 1)
         times: tp.Dict[str, tp.Dict[str, tp.List[float]]] = {"quiet": {n: [] for n in children},
                                                              "contended": {n: [] for n in children}}
         for _ in range(rounds):
