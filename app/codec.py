@@ -7,15 +7,12 @@ fp32 (docs/benchmarks.md). Only the decoder changes: the quantizer's codebook lo
 Diffusion also reads) stays fp32, and the decoder's input and output stay fp32 for every caller.
 """
 
-import logging
 import typing as tp
 
 import torch
 from audiocraft.models.encodec import CompressionModel, HFEncodecCompressionModel, InterleaveStereoCompressionModel
 
 from .config import DECODER_PRECISIONS
-
-log = logging.getLogger(__name__)
 
 __all__ = ["DECODER_PRECISIONS", "apply", "decoder_of", "resolve"]
 
