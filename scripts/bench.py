@@ -32,6 +32,9 @@ def parse_args() -> argparse.Namespace:
                              "they compare kernels, not thread scaling; the end-to-end, contention and server "
                              "sections run the service's own setting (MUSICGEN_CPU_THREADS)")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where benchmarks.md/.png/.json go")
+    parser.add_argument("--report-from", metavar="JSON",
+                        help="only write benchmarks.md/.png from a run's results (benchmarks.json, or the "
+                             "benchmarks.partial.json of a run that stopped early)")
     return parser.parse_args()
 
 
@@ -71,6 +74,10 @@ def uptime() -> str:
 
 
 def main() -> None:
+    if ARGS.report_from:
+        out = Path(ARGS.out)
+        write_report(json.loads(Path(ARGS.report_from).read_text()), out / "benchmarks.md", out / "benchmarks.png")
+        return
     torch.set_num_threads(ARGS.threads)
     quick = ARGS.quick
     started = time.monotonic()

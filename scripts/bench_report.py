@@ -17,18 +17,22 @@ def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
     return "\n".join(lines)
 
 
+SECTIONS = ("cpu", "contention", "lm_steps", "peaked_drift", "long_context", "decoder", "real_codec_clips",
+            "debug_durations", "end_to_end", "service")
+
+
 def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
-    """From scripts/bench.py's results, fresh or read back from benchmarks.json (where keys are strings)."""
-    for curves in (r["decode_costs"]["seconds_per_audio_second"], r["debug_durations"]):
+    """From scripts/bench.py's results, fresh or read back from benchmarks.json (where keys are strings); a run
+    that stopped early (benchmarks.partial.json) gives the sections it reached."""
+    for curves in (r.get("decode_costs", {}).get("seconds_per_audio_second", {}), r.get("debug_durations", {})):
         for name, curve in curves.items():
             curves[name] = {int(d): value for d, value in curve.items()}
     m = r["machine"]
-    steps, probe, svc = r["lm_steps"], r["long_context"], r["service"]
-    floor = steps["floor"]
+    missing = [name for name in SECTIONS if name not in r]
     parts = [
         "# Benchmarks",
         "",
-        "Written by `scripts/bench.py`" + (" --quick" if r["quick"] else "") + f" in {r['wall_seconds']} s. "
+        "Written by `scripts/bench`" + (" --quick" if r["quick"] else "") + f" in {r.get('wall_seconds', '?')} s. "
         f"Machine: {m['host']}, CPU {m['cpu']}, {m['cores']} cores (shared with other work), torch {m['torch']} "
         f"with {m['torch_threads']} thread(s) in the decoding-step sections, Python {m['python']}, AVX512-BF16 "
         f"{m['cpu_bf16']}, AMX {m['amx']}; CPU family {m.get('cpu_family')} model {m.get('cpu_model')} stepping "
@@ -41,7 +45,27 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         "Absolute times move with the neighbours' load; the ratios are of figures measured side by side "
         "(interleaved step by step or request by request) and move much less.",
         "",
+        *([f"**This run stopped before these sections: {', '.join(missing)}.**", ""] if missing else []),
         *_cpu_part(r),
+        *_lm_part(r),
+        *_peaked_part(r),
+        *_long_context_part(r),
+        *_contention_part(r),
+        *_real_codec_part(r),
+        *_service_parts(r),
+        f"![plots]({png.name})",
+        "",
+    ]
+    md.write_text("\n".join(parts))
+    _plot(r, png)
+
+
+def _lm_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "lm_steps" not in r:
+        return []
+    steps = r["lm_steps"]
+    floor = steps["floor"]
+    return [
         f"## LM decoding step, musicgen-small size (random weights, CFG batch 2), {steps['steps']} steps "
         "round-robin",
         "",
@@ -62,8 +86,14 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         f"{steps['variants'][DEFAULT]['speedup_vs_stock']}x stock's steps/s; the default where bf16 is native but "
         f"VNNI is not ({BF16_DEFAULT}) at {_x(steps, BF16_DEFAULT, floor['ms_per_step'])}x the bf16 floor.",
         "",
-        *_peaked_part(r),
-        "",
+    ]
+
+
+def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "long_context" not in r or "decode_costs" not in r:
+        return []
+    probe = r["long_context"]
+    return [
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
         _table(["variant", "prefill ms/token", f"ms/step at {probe['context']}"],
@@ -78,40 +108,49 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
                [[name, *[curve[d] for d in (1, 10, 30, 60)]]
                 for name, curve in r["decode_costs"]["seconds_per_audio_second"].items()]),
         "",
-        *_contention_part(r),
-        *_real_codec_part(r),
-        "## Debug model, bare, seconds of compute per second of audio (measured; plot, middle)",
-        "",
-        _table(["decoder", *[f"{d} s" for d in r["debug_durations"]["EnCodec"]]],
-               [[name, *curve.values()] for name, curve in r["debug_durations"].items()]),
-        "",
-        "## End to end through gunicorn + SSE / bare `MusicModel.generate` (same model, settings, parameters)",
-        "",
-        _table(["model, duration", "bare s", "served s", "served - bare s", "ratio (median)", "ratio (max)"],
-               [[k, v["bare_s"], v["served_s"], v["overhead_s"], v["ratio"], v["ratio_max"]]
-                for k, v in r["end_to_end"].items()]),
-        "",
-        "## Service latencies (debug model)",
-        "",
-        _table(["figure", "value"], [
-            [f"503 while busy, {svc['busy_503']['n']} tries", f"p50 {svc['busy_503']['p50_ms']} ms, "
-             f"p99 {svc['busy_503']['p99_ms']} ms, max {svc['busy_503']['max_ms']} ms"],
-            [f"POST to `start` event, {svc['time_to_start']['n']} tries",
-             f"p50 {svc['time_to_start']['p50_ms']} ms, p99 {svc['time_to_start']['p99_ms']} ms"],
-            [f"disconnect to slot free, {svc['disconnect_to_free']['n']} tries",
-             f"median {svc['disconnect_to_free']['median_s']} s, max {svc['disconnect_to_free']['max_s']} s "
-             f"(keep-alive {svc['disconnect_to_free']['keepalive_s']} s)"],
-            [f"worker RSS over {svc['rss_mib']['n']} sequential requests",
-             f"first {svc['rss_mib']['first']} MiB, after 5 {svc['rss_mib']['after_5']} MiB, "
-             f"last {svc['rss_mib']['last']} MiB: drift {100 * svc['rss_mib']['drift_after_warmup']:.1f} % "
-             "(GPU memory: no GPU here)"],
-        ]),
-        "",
-        f"![plots]({png.name})",
-        "",
     ]
-    md.write_text("\n".join(parts))
-    _plot(r, png)
+
+
+def _service_parts(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    parts: tp.List[str] = []
+    if "debug_durations" in r:
+        parts += [
+            "## Debug model, bare, seconds of compute per second of audio (measured; plot, middle)",
+            "",
+            _table(["decoder", *[f"{d} s" for d in r["debug_durations"]["EnCodec"]]],
+                   [[name, *curve.values()] for name, curve in r["debug_durations"].items()]),
+            "",
+        ]
+    if "end_to_end" in r:
+        parts += [
+            "## End to end through gunicorn + SSE / bare `MusicModel.generate` (same model, settings, parameters)",
+            "",
+            _table(["model, duration", "bare s", "served s", "served - bare s", "ratio (median)", "ratio (max)"],
+                   [[k, v["bare_s"], v["served_s"], v["overhead_s"], v["ratio"], v["ratio_max"]]
+                    for k, v in r["end_to_end"].items()]),
+            "",
+        ]
+    if "service" in r:
+        svc = r["service"]
+        parts += [
+            "## Service latencies (debug model)",
+            "",
+            _table(["figure", "value"], [
+                [f"503 while busy, {svc['busy_503']['n']} tries", f"p50 {svc['busy_503']['p50_ms']} ms, "
+                 f"p99 {svc['busy_503']['p99_ms']} ms, max {svc['busy_503']['max_ms']} ms"],
+                [f"POST to `start` event, {svc['time_to_start']['n']} tries",
+                 f"p50 {svc['time_to_start']['p50_ms']} ms, p99 {svc['time_to_start']['p99_ms']} ms"],
+                [f"disconnect to slot free, {svc['disconnect_to_free']['n']} tries",
+                 f"median {svc['disconnect_to_free']['median_s']} s, max {svc['disconnect_to_free']['max_s']} s "
+                 f"(keep-alive {svc['disconnect_to_free']['keepalive_s']} s)"],
+                [f"worker RSS over {svc['rss_mib']['n']} sequential requests",
+                 f"first {svc['rss_mib']['first']} MiB, after 5 {svc['rss_mib']['after_5']} MiB, "
+                 f"last {svc['rss_mib']['last']} MiB: drift {100 * svc['rss_mib']['drift_after_warmup']:.1f} % "
+                 "(GPU memory: no GPU here)"],
+            ]),
+            "",
+        ]
+    return parts
 
 
 def _x(steps: tp.Dict[str, tp.Any], name: str, floor_ms: float) -> str:
@@ -156,6 +195,7 @@ def _peaked_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
         "",
         _table(["variant", "mean KL vs fp32", "top-1 agreement"],
                [[name, v["mean_kl"], v["top1_agreement"]] for name, v in p["variants"].items()]),
+        "",
     ]
 
 
@@ -206,15 +246,15 @@ def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
 
 def _plot(r: tp.Dict[str, tp.Any], png: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1.2, 1, 1]})
-    for name, curve in r["decode_costs"]["seconds_per_audio_second"].items():
+    for name, curve in r.get("decode_costs", {}).get("seconds_per_audio_second", {}).items():
         axes[0].plot([int(d) for d in curve], list(curve.values()), label=name)
     axes[0].axhline(1.0, color="grey", linestyle=":", label="real time")
     axes[0].set(title="musicgen-small size: LM s per s of audio\n(extrapolated)", xlabel="duration (s)",
                 ylabel="seconds per second of audio")
-    for name, curve in r["debug_durations"].items():
+    for name, curve in r.get("debug_durations", {}).items():
         axes[1].plot([int(d) for d in curve], list(curve.values()), marker="o", label=name)
     axes[1].set(title="debug model, bare: s per s of audio\n(measured)", xlabel="duration (s)")
-    variants = r["lm_steps"]["variants"]
+    variants = r.get("lm_steps", {}).get("variants", {})
     axes[2].barh(list(variants), [v["steps_per_s"] for v in variants.values()])
     axes[2].set(title="decoding steps/s, musicgen-small size", xlabel="steps per second")
     axes[2].invert_yaxis()
