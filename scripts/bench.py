@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the service against bare audiocraft, side by side in one run; writes docs/benchmarks.{md,png,json}.
 
-    scripts/bench            # the full run (~25 minutes on 2 shared cores), after setting up .venv from both locks
+    scripts/bench            # the full run (65 minutes on 2 cores at a load of 5-15), after setting up .venv
     scripts/bench --quick    # a smoke run, fewer steps and repeats
 
 Every comparison is a ratio or a distribution of figures measured in the same run, interleaved where
