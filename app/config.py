@@ -61,6 +61,10 @@ class Settings:
     # MUSICGEN_PACKED_WEIGHTS: reorder the LM's weights once into oneDNN's packed layout, which a decoding step
     # reads about twice as fast (logits within float rounding of stock; the LM can then only generate). CPU only.
     packed_weights: bool = True
+    # MUSICGEN_CUDA_GRAPH: on CUDA, decode over fixed buffers (static self-attention cache, cross-attention
+    # keys/values once per generation, fp16 matrix weights) and replay each decoding step, sampling included,
+    # as one CUDA graph (app/cuda_graph.py). Opt-in until a GPU run of scripts/gpu_check has checked it.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if not self.model.strip():

@@ -19,6 +19,7 @@ from audiocraft.models.loaders import load_diffusion_models
 from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
 from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
+from . import cuda_graph as graph_decoding
 from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
@@ -110,9 +111,9 @@ class MusicModel:
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
              cross_kv_cache: bool = False, static_kv_cache: bool = False,
-             packed_weights: bool = False) -> "MusicModel":
-        """Load the models; the defaults of the last four (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS)
-        are stock audiocraft."""
+             packed_weights: bool = False, cuda_graph: bool = False) -> "MusicModel":
+        """Load the models; the defaults of the last five (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS,
+        MUSICGEN_CUDA_GRAPH) are stock audiocraft."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device), mbd_source)
@@ -124,6 +125,12 @@ class MusicModel:
             cross_kv_cache = static_kv_cache = packed_weights = False
         log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
                  fast_lm.install(lm, cross_kv_cache, static_kv_cache, packed_weights))
+        if cuda_graph and device.startswith("cuda"):
+            mg = model.musicgen  # buffers for the longest window audiocraft generates at once
+            capacity = lm.pattern_provider.get_pattern(int(mg.max_duration * mg.frame_rate)).num_sequence_steps
+            log.info("CUDA graph decoding %s", graph_decoding.install(lm, capacity))
+        elif cuda_graph:
+            log.info("MUSICGEN_CUDA_GRAPH applies to CUDA only: off on %s", device)
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
@@ -134,7 +141,8 @@ class MusicModel:
         """The model as the service runs it (the server, and the benchmark's bare runs)."""
         return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
                         precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
-                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights)
+                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights,
+                        cuda_graph=settings.cuda_graph)
 
     @property
     def stereo(self) -> bool:
