@@ -21,6 +21,7 @@ On CPU the same step runs eagerly (`graphs=False`): that is how the tests check 
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -162,6 +163,9 @@ class StaticDecoder:
         self._generation: tp.Optional[_Generation] = None  # None: stock decodes the current generation
         self.captures = 0  # graphs captured (tests and the benchmark read these)
         self.replays = 0
+        # On CUDA every step runs under audiocraft's fp16 autocast (the matrix weights are fp16), as MusicGen
+        # runs the LM; on CPU nothing changes.
+        self._autocast = _autocast if self.device.type == "cuda" else contextlib.nullcontext
 
     def begin(self, steps: int) -> None:
         """A generation of `steps` sequence steps starts (called by the wrapped `generate`)."""
@@ -202,13 +206,16 @@ class StaticDecoder:
         if length > self.capacity:
             raise RuntimeError(f"a prompt of {length} steps does not fit {self.capacity} key positions")
         tokens = torch.cat([sequence, sequence], dim=0)  # the CFG batch: conditional, then null conditions
-        _, source = self.lm.fuser(torch.zeros(tokens.shape[0], 0, self.lm.dim, device=self.device), cfg_conditions)
-        cross = self._cross_keys_values(source)
         self._allocate_io(batch, sequence)
-        logits = self._forward(tokens, torch.arange(length, device=self.device), cross, valid=None)
+        with self._autocast():
+            _, source = self.lm.fuser(torch.zeros(tokens.shape[0], 0, self.lm.dim, device=self.device),
+                                      cfg_conditions)
+            cross = self._cross_keys_values(source)
+            logits = self._forward(tokens, torch.arange(length, device=self.device), cross, valid=None)
+            next_token = _sample(logits, sampling)
         self.position.fill_(length)
         self._generation = _Generation(sampling, cross, (batch, source.shape[1], sampling), length)
-        return _sample(logits, sampling)
+        return next_token
 
     def _cross_keys_values(self, source: torch.Tensor) -> tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cross-attention keys/values, as audiocraft projects them (at every step) from the
@@ -249,7 +256,8 @@ class StaticDecoder:
                 self.replays += 1
                 generation.steps += 1
                 return next_token
-        self._step(tokens, next_token, generation.cross, generation.sampling)
+        with self._autocast():
+            self._step(tokens, next_token, generation.cross, generation.sampling)
         generation.steps += 1
         return next_token
 
@@ -283,22 +291,26 @@ class StaticDecoder:
         return graph
 
     def _capture(self, generation: _Generation) -> _Graph:
-        """Warm up on a side stream (restoring what the warm-up changed), then capture one step."""
+        """Warm up on a side stream (then undo what the warm-up changed), then capture one step."""
         with torch.inference_mode(False):
             cross = [(None, None) if k is None else (k.clone(), v.clone()) for k, v in generation.cross]
         tokens, next_token = self._io[generation.key[0]]
         graph = _Graph(torch.cuda.CUDAGraph(), cross)
         position, rng = self.position.clone(), torch.cuda.get_rng_state(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), _autocast():
-            for _ in range(WARMUP_STEPS):
-                self._step(tokens, next_token, cross, generation.sampling)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(side), _autocast():
+                    for _ in range(WARMUP_STEPS):
+                        self._step(tokens, next_token, cross, generation.sampling)
+                        self.position.copy_(position)
+            finally:
+                torch.cuda.current_stream().wait_stream(side)
                 self.position.copy_(position)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.set_rng_state(rng, self.device)
-        with torch.cuda.graph(graph.graph), _autocast():
-            self._step(tokens, next_token, cross, generation.sampling)
+                torch.cuda.set_rng_state(rng, self.device)
+            with torch.cuda.graph(graph.graph), _autocast():
+                self._step(tokens, next_token, cross, generation.sampling)
         self._graphs[generation.key] = graph
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
@@ -422,7 +434,7 @@ def _multinomial(probs: torch.Tensor) -> torch.Tensor:
 def _sample_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     """audiocraft.utils.utils.sample_top_k with `_multinomial`."""
     top_k_value, _ = torch.topk(probs, k, dim=-1)
-    probs *= (probs >= top_k_value[..., [-1]]).float()
+    probs *= (probs >= top_k_value[..., -1:]).float()  # audiocraft indexes [..., [-1]]: the same values, copied
     probs.div_(probs.sum(dim=-1, keepdim=True))
     return _multinomial(probs)
 
