@@ -51,7 +51,7 @@ def test_static_step_gives_stock_greedy_tokens(sizes, max_duration):
 def test_static_step_samples_what_stock_samples(params):
     """The draw is torch.multinomial's own (argmax of p / Exp(1) noise), from the same generator: same seed,
     same tokens."""
-    stock = musicgen(SMALL)
+    stock = musicgen()
     fast = static(stock)
     expected = sampled_tokens(stock, 7, **params)
     assert torch.equal(sampled_tokens(fast, 7, **params), expected)
