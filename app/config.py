@@ -75,6 +75,10 @@ class Settings:
     # MUSICGEN_DECODER_PRECISION: the EnCodec decoder's precision on CPU: auto (bf16 where the CPU has native bf16,
     # else fp32), fp32 or bf16 (app/codec.py). CUDA keeps fp32.
     decoder_precision: str = "auto"
+    # MUSICGEN_CUDA_GRAPH: on CUDA, decode over fixed buffers (static self-attention cache, cross-attention
+    # keys/values once per generation, fp16 matrix weights) and replay each decoding step, sampling included,
+    # as one CUDA graph (app/cuda_graph.py). Opt-in until a GPU run of scripts/gpu_check has checked it.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if not self.model.strip():

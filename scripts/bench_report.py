@@ -55,6 +55,9 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         *_service_parts(r),
         f"![plots]({png.name})",
         "",
+        "GPU figures (CUDA graph against stock audiocraft, written by `scripts/gpu_check`): "
+        "[benchmarks-gpu.md](benchmarks-gpu.md).",
+        "",
     ]
     md.write_text("\n".join(parts))
     _plot(r, png)
