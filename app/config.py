@@ -13,6 +13,7 @@ import typing as tp
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#*\s]+", re.IGNORECASE)  # what a browser sends in `Origin`
+DECODER_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -53,8 +54,9 @@ class Settings:
     # MUSICGEN_AUTH_TOKEN: when set, POST /api/v1/generate_music needs `Authorization: Bearer <token>` and
     # answers 401 otherwise. Empty: no authentication, as the original clients expect.
     auth_token: str = dataclasses.field(default="", repr=False)  # kept out of logs
-    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (bf16 where the CPU has native bf16, else fp32),
-    # fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py). CUDA keeps audiocraft's fp16.
+    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (int8-dynamic where the CPU has VNNI, else bf16 where
+    # it has native bf16, else fp32), fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py).
+    # CUDA keeps audiocraft's fp16.
     precision: str = "auto"
     # MUSICGEN_CROSS_KV_CACHE: project the text conditioning to cross-attention keys/values once per
     # generation instead of at every step of every layer (same tokens as stock; 0 restores stock). CPU only.
@@ -68,6 +70,16 @@ class Settings:
     # MUSICGEN_CORS_ORIGINS: the origins (scheme://host[:port]) whose web pages may call the API from a browser,
     # separated by commas or spaces; `*` (default): any origin, without credentials. Others get no CORS headers.
     cors_origins: str = "*"
+    # MUSICGEN_CPU_THREADS: torch's CPU threads for a generation, set on the generation thread (app/threads.py).
+    # 0: every core this process may use (its CPU affinity).
+    cpu_threads: int = 0
+    # MUSICGEN_DECODER_PRECISION: the EnCodec decoder's precision on CPU: auto (bf16 where the CPU has native bf16,
+    # else fp32), fp32 or bf16 (app/codec.py). CUDA keeps fp32.
+    decoder_precision: str = "auto"
+    # MUSICGEN_CUDA_GRAPH: on CUDA, decode over fixed buffers (static self-attention cache, cross-attention
+    # keys/values once per generation, fp16 matrix weights) and replay each decoding step, sampling included,
+    # as one CUDA graph (app/cuda_graph.py). Opt-in until a GPU run of scripts/gpu_check has checked it.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -84,6 +96,11 @@ class Settings:
             raise ConfigError("MUSICGEN_IDLE_UNLOAD_SECONDS must be 0 (never) or more")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.decoder_precision not in DECODER_PRECISIONS:
+            raise ConfigError(f"MUSICGEN_DECODER_PRECISION={self.decoder_precision!r}: use one of "
+                              f"{', '.join(DECODER_PRECISIONS)}")
+        if self.cpu_threads < 0:
+            raise ConfigError("MUSICGEN_CPU_THREADS must be 0 (every core this process may use) or more")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
         _check_origins(self.allowed_origins)

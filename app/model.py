@@ -22,6 +22,8 @@ from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiff
 from audiocraft.modules.conditioners import ChromaStemConditioner
 from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
+from . import codec as decoder_codec
+from . import cuda_graph as graph_decoding
 from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
@@ -113,9 +115,9 @@ class MusicModel:
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
              cross_kv_cache: bool = False, static_kv_cache: bool = False,
-             packed_weights: bool = False) -> "MusicModel":
-        """Load the models; the defaults of the last four (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS)
-        are stock audiocraft."""
+             packed_weights: bool = False, decoder_precision: str = "fp32", cuda_graph: bool = False) -> "MusicModel":
+        """Load the models; the defaults of the last six (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS,
+        MUSICGEN_DECODER_PRECISION, MUSICGEN_CUDA_GRAPH) are stock audiocraft."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device), mbd_source)
@@ -125,8 +127,17 @@ class MusicModel:
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
             cross_kv_cache = static_kv_cache = packed_weights = False
-        log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
-                 fast_lm.install(lm, cross_kv_cache, static_kv_cache, packed_weights))
+        resolved = lm_precision.apply(lm, precision, device)
+        log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
+            lm, cross_kv_cache, static_kv_cache, packed_weights, int8_weights=resolved == "int8-dynamic"))
+        log.info("EnCodec decoder precision %s",
+                 decoder_codec.apply(model.musicgen.compression_model, decoder_precision, device))
+        if cuda_graph and device.startswith("cuda"):
+            mg = model.musicgen  # buffers for the longest window audiocraft generates at once
+            capacity = lm.pattern_provider.get_pattern(int(mg.max_duration * mg.frame_rate)).num_sequence_steps
+            log.info("CUDA graph decoding %s", graph_decoding.install(lm, capacity))
+        elif cuda_graph:
+            log.info("MUSICGEN_CUDA_GRAPH applies to CUDA only: off on %s", device)
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
@@ -137,7 +148,8 @@ class MusicModel:
         """The model as the service runs it (the server, and the benchmark's bare runs)."""
         return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
                         precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
-                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights)
+                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights,
+                        decoder_precision=settings.decoder_precision, cuda_graph=settings.cuda_graph)
 
     @property
     def stereo(self) -> bool:

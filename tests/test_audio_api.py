@@ -12,6 +12,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 
 from app import audio_input, debug_models
+from app import codec as codec_precision
+from app.config import Settings
 from tests.audio_samples import b64, bad_inputs, decode, encode, melody, tone, wav64
 from tests.helpers import Server, events, generate, wav_info
 
@@ -74,8 +76,10 @@ def test_normalization_is_per_request(idle_server):
 
 
 def codec_rendering(clip: torch.Tensor, model: str = "debug") -> torch.Tensor:
-    """What the served debug model's EnCodec makes of a waveform (its weights are seeded: the same here)."""
+    """What the served debug model's EnCodec makes of a waveform (its weights are seeded: the same here, and its
+    decoder in the precision the server gives it)."""
     codec = debug_models.build_musicgen(model).compression_model
+    codec_precision.apply(codec, Settings().decoder_precision, "cpu")
     with torch.no_grad():
         return codec.decode(codec.encode(clip[None])[0])[0]
 
