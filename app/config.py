@@ -38,7 +38,8 @@ class Settings:
     # A vanished client is noticed at the second write after it left, so detection takes at most 2x this.
     keepalive_seconds: float = 0.5
     # MUSICGEN_MAX_BODY_BYTES: larger request bodies get 413 (keep nginx's client_max_body_size equal).
-    max_body_bytes: int = 64 * 1024
+    # 16 MiB holds a melody and a prompt as audio files in base64 (60 s of 48 kHz stereo 16-bit WAV alone).
+    max_body_bytes: int = 16 * 1024 * 1024
     # MUSICGEN_NORMALIZE: loudness (audiocraft's demo: -16 dB LUFS target with soft clipping),
     # peak, rms, or clip (the model's raw output, hard-limited to [-1, 1]).
     normalize: str = "loudness"

@@ -7,12 +7,14 @@ local directory, or are the tiny `debug` models. Everything here runs on the gen
 import collections
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import typing as tp
 
 import omegaconf
 import torch
+from audiocraft.data.audio_utils import convert_audio
 from audiocraft.models import MusicGen
 from audiocraft.models.encodec import InterleaveStereoCompressionModel
 from audiocraft.models.loaders import load_diffusion_models
@@ -25,7 +27,7 @@ from . import cuda_graph as graph_decoding
 from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
-from .params import GenerationParams
+from .params import MIN_CONTINUATION_SECONDS, AudioClip, GenerationParams, UnsupportedRequest
 
 log = logging.getLogger(__name__)
 
@@ -168,27 +170,48 @@ class MusicModel:
             self.mbd = load_mbd(self.mbd_source, codec, self.device)
         return self.mbd
 
-    def lm_steps(self, duration: float) -> int:
+    def check(self, params: GenerationParams) -> None:
+        """Raise `UnsupportedRequest` for what this model cannot do: a melody without a melody model, or an
+        audio prompt that leaves the first window less than a second to continue it."""
+        if params.melody is not None and not self.melody:
+            raise UnsupportedRequest(
+                f"melody: the loaded model ({self.name}) does not take a melody; melody models are "
+                "facebook/musicgen-melody, -melody-large and -stereo-melody(-large) (GET /health: features.melody)")
+        longest = self.musicgen.max_duration - MIN_CONTINUATION_SECONDS
+        if params.audio_prompt is not None and params.audio_prompt.seconds > longest:
+            raise UnsupportedRequest(
+                f"audio_prompt: {params.audio_prompt.seconds:.2f} s long, at most {longest:g} s (the model's "
+                f"{self.musicgen.max_duration:g} s window less {MIN_CONTINUATION_SECONDS:g} s to continue it)")
+
+    def lm_steps(self, duration: float, prompt: tp.Optional[AudioClip] = None) -> int:
         """How many times the LM's progress callback will fire for `duration` seconds of audio.
 
         Mirrors audiocraft's windowing past `max_duration` (each window re-reads the last
-        `max_duration - extend_stride` seconds as its prompt) and its codebook-pattern delays.
+        `max_duration - extend_stride` seconds as its prompt) and its codebook-pattern delays. An audio
+        `prompt` is the first window's prompt, as many frames as EnCodec makes of it: those steps are skipped.
         """
         mg = self.musicgen
         total, stride = int(duration * mg.frame_rate), int(mg.extend_stride * mg.frame_rate)
         windows: tp.List[tp.Tuple[int, int]] = []  # (prompt length, generated length), in frames
-        offset, prompt = 0, 0
-        while offset + prompt < total:
+        offset, prompt_frames = 0, self._frames(prompt)
+        while offset + prompt_frames < total:
             length = int(min(duration - offset / mg.frame_rate, mg.max_duration) * mg.frame_rate)
-            windows.append((prompt, length))
+            windows.append((prompt_frames, length))
             if duration <= mg.max_duration:
                 break
-            prompt, offset = length - stride, offset + stride
+            prompt_frames, offset = length - stride, offset + stride
         steps = 0
         for prompt, length in windows:
             pattern = mg.lm.pattern_provider.get_pattern(length)
             steps += len(pattern.layout) - pattern.get_first_step_with_timesteps(prompt)
         return steps
+
+    def _frames(self, clip: tp.Optional[AudioClip]) -> int:
+        """EnCodec frames of a clip: it pads the last one to a whole frame."""
+        if clip is None:
+            return 0
+        samples = round(clip.seconds * self.sample_rate)
+        return math.ceil(samples * self.musicgen.frame_rate / self.sample_rate)
 
     def diffusion_steps(self) -> int:
         bands = len(self.mbd.DPs) if self.mbd is not None else debug_models.MBD_BANDS
@@ -207,11 +230,34 @@ class MusicModel:
         mg.set_custom_progress_callback(lambda done, total: on_step("lm"))
         torch.manual_seed(seed)  # seeds CUDA too; MBD's noise is drawn from the same generators
         with torch.inference_mode():
-            wav, tokens = mg.generate([params.description], progress=True, return_tokens=True)
+            wav, tokens = self._generate(params)
             on_step("decode")
             if params.mbd:
                 wav = self._decode_mbd(tokens, on_step)
         return wav[0].float().cpu()
+
+    def _generate(self, params: GenerationParams) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Text, text + melody, text + prompt to continue, or all three: (waveforms, tokens) of a batch of one.
+
+        Each goes through audiocraft's own path, past the 30 s window too (it slices the melody per window
+        and carries the prompt into the first). No public method takes a melody and a prompt together; the
+        steps both of them take (`_prepare_tokens_and_attributes` accepts both, then `_generate_tokens`) do.
+        """
+        mg, text, rate = self.musicgen, [params.description], self.sample_rate
+        melody, prompt = params.melody, params.audio_prompt
+        if melody is None and prompt is None:
+            return mg.generate(text, progress=True, return_tokens=True)
+        if prompt is None:
+            return mg.generate_with_chroma(text, melody.wav[None], melody.sample_rate, progress=True,
+                                           return_tokens=True)
+        if melody is None:
+            return mg.generate_continuation(prompt.wav[None], prompt.sample_rate, text, progress=True,
+                                            return_tokens=True)
+        melody_wavs = [convert_audio(melody.wav, melody.sample_rate, rate, self.channels)]
+        prompt_wav = convert_audio(prompt.wav[None], prompt.sample_rate, rate, self.channels)
+        attributes, prompt_tokens = mg._prepare_tokens_and_attributes(text, prompt_wav, melody_wavs=melody_wavs)
+        tokens = mg._generate_tokens(attributes, prompt_tokens, progress=True)
+        return mg.generate_audio(tokens), tokens
 
     def _decode_mbd(self, tokens: torch.Tensor, on_step: Step) -> torch.Tensor:
         mbd = self.ensure_mbd()

@@ -111,7 +111,7 @@ def test_every_kind_of_answer_carries_the_header(idle_server):
     assert_any_origin(busy, "busy")
     answers = {
         "400": post(url, b"{not json", Origin=ELSEWHERE),
-        "413": post(url, b"x" * (65 * 1024), Origin=ELSEWHERE),
+        "413": post(url, b"x" * (16 * 2**20 + 1), Origin=ELSEWHERE),
         "404": requests.get(url + "/nowhere", headers={"Origin": ELSEWHERE}, timeout=10),
         "405": requests.get(url + GENERATE, headers={"Origin": ELSEWHERE}, timeout=10),
         "health": requests.get(url + "/health", headers={"Origin": ELSEWHERE}, timeout=10),

@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import threading
 import typing as tp
+from pathlib import Path
 
 import pytest
 import requests
 
 from app.web import CONTENT_SECURITY_POLICY
+from tests.audio_samples import decode, encode, melody, tone
 from tests.helpers import ARTIFACTS, ROOT, Server, events, generate
 
 BROWSER_DIR = ROOT / "tests" / "browser"
@@ -119,3 +121,31 @@ def test_token_is_asked_for_sent_and_kept_for_the_tab():
     assert result["wrong"]["message"] == "The server did not accept this access token. Check it and try again."
     assert result["right"]["state"] == "done" and result["audio"]["riff"] == "RIFF", result["right"]
     assert result["kept"] == "let-me-in" and result["afterReload"]["state"] == "done"
+
+
+def test_upload_a_file_continue_it_play_and_download_the_result(idle_server):
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "prompt.flac").write_bytes(encode(tone(2.0, 44100, 2), 44100, "FLAC", "PCM_16"))
+    result = run_scenario("continue", idle_server.url)
+    assert result["consoleErrors"] == [] and result["outcome"]["state"] == "done", result
+    assert not result["melodyShown"]  # the debug model takes no melody: no picker for one
+    assert result["chosen"].startswith("prompt.flac (") and result["formats"] == ["", "wav", "flac", "mp3", "ogg"]
+    assert any("continuing 2 s of audio" in message for message in result["messages"]), result["messages"]
+    played = result["played"]
+    assert played["error"] is None and abs(played["duration"] - 4) < 0.1 and played["playedTo"] > 0.1, played
+    downloaded = result["downloaded"]
+    assert (downloaded["name"], downloaded["linkText"], downloaded["linkType"]) == (
+        "musicgen-77.mp3", "Download MP3", "audio/mpeg")
+    samples, rate = decode(Path(downloaded["saved"]).read_bytes())
+    assert rate == 32000 and samples.shape[1] == 1 and abs(len(samples) - 4 * 32000) <= 1152
+
+
+def test_a_melody_model_offers_a_melody_picker_that_takes_a_dropped_file():
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "tune.wav").write_bytes(encode(melody(3.0), 32000))
+    with Server(env={"MUSICGEN_MODEL": "debug-melody"}) as server:
+        server.wait()
+        result = run_scenario("melody", server.url)
+    assert result["consoleErrors"] == [] and result["chosen"].startswith("tune.wav (")
+    assert result["outcome"]["state"] == "done", result["outcome"]
+    assert abs(result["played"]["duration"] - 2) < 0.1

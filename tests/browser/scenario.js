@@ -7,6 +7,8 @@
 //   cancel    start a 60 s MBD generation, cancel it, time until /health says ready again
 //   busy      (another generation runs) the busy message; once the server is free, Retry generates a clip
 //   token     (the server has MUSICGEN_AUTH_TOKEN=let-me-in) no token, a wrong one, the right one; after a reload
+//   continue  upload ARTIFACTS_DIR/prompt.flac to continue, as MP3: play the result, download it
+//   melody    (a melody model) the melody picker is shown; drop ARTIFACTS_DIR/tune.wav on it and generate
 'use strict';
 
 const fs = require('fs');
@@ -24,7 +26,9 @@ async function launch() {
     executablePath: EXECUTABLE,
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--autoplay-policy=no-user-gesture-required'],
+    acceptDownloads: true,
     viewport: { width: 900, height: 900 },
   });
   return { context, profile };
@@ -187,9 +191,74 @@ async function tokenScenario(context) {
   return { tokenShownAtFirst, missing, wrong, right, audio, kept, afterReload };
 }
 
+// Play the finished clip for a moment: the <audio> element decodes it and its clock moves.
+async function play(page) {
+  await page.waitForFunction(() => document.getElementById('audio').readyState >= 1, null, { timeout: 10000 });
+  return page.evaluate(async () => {
+    const audio = document.getElementById('audio');
+    audio.muted = true;
+    await audio.play();
+    await new Promise((resolve) => setTimeout(resolve, 700));
+    audio.pause();
+    return { duration: audio.duration, playedTo: audio.currentTime, error: audio.error && audio.error.message };
+  });
+}
+
+// Click the download link as a user does; the file lands in ARTIFACTS_DIR under the name the page gave it.
+async function download(page) {
+  const [file] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
+  const saved = path.join(artifacts, `downloaded-${file.suggestedFilename()}`);
+  await file.saveAs(saved);
+  return {
+    name: file.suggestedFilename(), saved, linkText: await page.textContent('#download'),
+    linkType: await page.getAttribute('#download', 'type'),
+  };
+}
+
+async function continueScenario(context) {
+  const { page, consoleErrors } = await openPage(context);
+  const melodyShown = await page.isVisible('#melody');
+  await page.fill('#description', 'the same riff, with drums');
+  await page.fill('#duration', '4');
+  await page.setInputFiles('#audio_prompt', path.join(artifacts, 'prompt.flac'));
+  const chosen = await page.textContent('#audio_prompt-box .chosen');
+  await page.click('summary');
+  await page.selectOption('#format', 'mp3');
+  await page.fill('#seed', '77');
+  const formats = await page.evaluate(() => [...document.getElementById('format').options].map((o) => o.value));
+  const messages = [];
+  await page.exposeFunction('sawMessage', (text) => messages.push(text));
+  await page.evaluate(() => new MutationObserver(() => window.sawMessage(document.getElementById('message')
+    .textContent)).observe(document.getElementById('message'), { childList: true, characterData: true, subtree: true }));
+  await page.click('#generate');
+  const outcome = await finished(page);
+  const result = outcome.state === 'done' ? { played: await play(page), downloaded: await download(page) } : {};
+  await page.screenshot({ path: path.join(artifacts, 'web-continue.png'), fullPage: true });
+  return { melodyShown, chosen, formats, messages, outcome, ...result, consoleErrors };
+}
+
+async function melodyScenario(context) {
+  const { page, consoleErrors } = await openPage(context);
+  await page.waitForSelector('#melody-box:not([hidden])', { timeout: 10000 });
+  // Drop a file on the picker, as from a file manager: a DataTransfer holding the file's bytes.
+  const bytes = [...fs.readFileSync(path.join(artifacts, 'tune.wav'))];
+  await page.evaluate((data) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([new Uint8Array(data)], 'tune.wav', { type: 'audio/wav' }));
+    document.getElementById('melody-box').dispatchEvent(new DragEvent('drop', { dataTransfer: transfer,
+      bubbles: true, cancelable: true }));
+  }, bytes);
+  const chosen = await page.textContent('#melody-box .chosen');
+  await page.fill('#description', 'following a tune');
+  await page.fill('#duration', '2');
+  await page.click('#generate');
+  const outcome = await finished(page);
+  return { chosen, outcome, played: outcome.state === 'done' ? await play(page) : null, consoleErrors };
+}
+
 const SCENARIOS = {
   generate: generateScenario, invalid: invalidScenario, cancel: cancelScenario, busy: busyScenario,
-  token: tokenScenario,
+  token: tokenScenario, continue: continueScenario, melody: melodyScenario,
 };
 
 async function main() {
