@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # MUSICGEN_MODEL: a Hugging Face id (facebook/musicgen-small, facebook/musicgen-stereo-medium, ...),
-    # a local directory holding state_dict.bin + compression_state_dict.bin, or `debug` (tiny random weights).
+    # a local directory holding state_dict.bin + compression_state_dict.bin, or a tiny random-weight model:
+    # debug, debug-stereo, debug-melody, debug-stereo-melody, debug-small (app/debug_models.py).
     model: str = "facebook/musicgen-small"
     # MUSICGEN_DEVICE: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"

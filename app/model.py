@@ -17,6 +17,7 @@ from audiocraft.models import MusicGen
 from audiocraft.models.encodec import InterleaveStereoCompressionModel
 from audiocraft.models.loaders import load_diffusion_models
 from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
+from audiocraft.modules.conditioners import ChromaStemConditioner
 from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
 from . import debug_models, fast_lm
@@ -55,9 +56,9 @@ def resolve_device(setting: str) -> str:
 
 
 def load_musicgen(name: str, device: str) -> MusicGen:
-    """MusicGen from a Hugging Face id, a local checkpoint directory, or `debug`/`debug-stereo`/`debug-small`."""
-    if name in ("debug", "debug-stereo", "debug-small"):
-        return debug_models.build_musicgen(stereo=name == "debug-stereo", device=device, small=name == "debug-small")
+    """MusicGen from a Hugging Face id, a local checkpoint directory, or a built-in tiny model (`debug*`)."""
+    if name in debug_models.MODELS:
+        return debug_models.build_musicgen(name, device)
     try:
         return MusicGen.get_pretrained(name, device=device)
     except Exception as e:
@@ -139,6 +140,12 @@ class MusicModel:
     @property
     def stereo(self) -> bool:
         return isinstance(self.musicgen.compression_model, InterleaveStereoCompressionModel)
+
+    @property
+    def melody(self) -> bool:
+        """Whether the model conditions on a melody's chromagram (musicgen-melody and its kin)."""
+        conditioners = self.musicgen.lm.condition_provider.conditioners.values()
+        return any(isinstance(conditioner, ChromaStemConditioner) for conditioner in conditioners)
 
     def ensure_mbd(self) -> MultiBandDiffusion:
         if self.mbd is None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from app import debug_models
 from app.generation import Cancelled
 from app.model import DIFFUSION_STEPS_PER_BAND, MusicModel
 from app.params import GenerationParams
@@ -82,3 +83,27 @@ def test_raising_from_a_step_aborts_and_the_next_generation_works(mono, stage):
     assert len(steps) == 3  # nothing ran past the step that raised
     wav, counts = run(mono, mbd=True)
     assert counts["lm"] == mono.lm_steps(2) and counts["diffusion"] == mono.diffusion_steps()
+
+
+def test_the_tiny_htdemucs_loads_through_demucs_own_loader_from_torch_home(tmp_path, monkeypatch):
+    # What a melody model does at load on a box whose $TORCH_HOME holds htdemucs: torch.hub finds the file
+    # under its real name and loads it without a hash check or a download.
+    from demucs import pretrained
+
+    path = debug_models.save_htdemucs(str(tmp_path / "hub"))
+    assert path.endswith("hub/checkpoints/955717e8-8726e21a.th")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    bag = pretrained.get_model("htdemucs")
+    assert bag.sources == debug_models.HTDEMUCS_SOURCES
+    assert sum(p.numel() for p in bag.parameters()) < 100_000  # ours, not the 42 M-parameter download
+
+
+@pytest.mark.parametrize("name", ["debug-melody", "debug-stereo-melody"])
+def test_melody_models_generate_from_text_alone_and_leave_torch_hub_as_it_was(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = MusicModel.load(name, "cpu", "debug")
+    assert model.melody and not MusicModel.load("debug", "cpu", "debug").melody
+    assert torch.hub.get_dir() == str(tmp_path / "hub") and not (tmp_path / "hub").exists()  # untouched
+    wav, counts = run(model, seed=3)
+    assert wav.shape == (model.channels, 2 * 32000) and torch.isfinite(wav).all()
+    assert counts["lm"] == model.lm_steps(2)
