@@ -64,6 +64,7 @@ def health() -> Response:
         device=model.device if model else None,
         sample_rate=model.sample_rate if model else None,
         channels=model.channels if model else None,
+        features=model.features if model else None,  # what the loaded model can do (MusicModel.features)
         error=service.load_error,
         uptime_seconds=round(time.time() - service.started_at, 1),
     )

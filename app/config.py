@@ -7,10 +7,12 @@ typo fails the start-up with a message instead of the first request. gunicorn's 
 
 import dataclasses
 import os
+import re
 import typing as tp
 
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
+TYPE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # module.Type
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,11 @@ class Settings:
     # MUSICGEN_PACKED_WEIGHTS: reorder the LM's weights once into oneDNN's packed layout, which a decoding step
     # reads about twice as fast (logits within float rounding of stock; the LM can then only generate). CPU only.
     packed_weights: bool = True
+    # MUSICGEN_TRUSTED_CHECKPOINT_TYPES: comma-separated fully qualified types (e.g. pathlib.PosixPath) that the
+    # checkpoints may unpickle besides tensors, plain types and omegaconf's config types. Empty by default. Risk:
+    # a checkpoint can then build objects of these types with arguments of its choosing, so name only types you
+    # know, for files you trust (a load error names the type a checkpoint needs).
+    trusted_checkpoint_types: str = ""
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -78,8 +85,15 @@ class Settings:
             raise ConfigError("MUSICGEN_IDLE_UNLOAD_SECONDS must be 0 (never) or more")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if any(not TYPE_NAME.match(name) for name in self.trusted_types):
+            raise ConfigError(f"MUSICGEN_TRUSTED_CHECKPOINT_TYPES={self.trusted_checkpoint_types!r}: "
+                              "use fully qualified names separated by commas, e.g. pathlib.PosixPath")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def trusted_types(self) -> tp.Tuple[str, ...]:
+        return tuple(name.strip() for name in self.trusted_checkpoint_types.split(",") if name.strip())
 
     @property
     def mbd_source(self) -> str:

@@ -134,6 +134,10 @@ def document() -> tp.Dict[str, tp.Any]:
             "device": {"type": ["string", "null"]},
             "sample_rate": {"type": ["integer", "null"]},
             "channels": {"type": ["integer", "null"]},
+            "features": {"type": ["object", "null"], "description": "What the loaded model can do; null while no "
+                         "model is loaded.", "required": ["melody"], "properties": {
+                             "melody": {"type": "boolean", "description": "A melody model (musicgen-melody and "
+                                        "its kin): it can follow a melody."}}},
             "error": {"type": ["string", "null"], "description": "Why the model failed to load."},
             "uptime_seconds": {"type": "number"}}},
     }

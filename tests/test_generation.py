@@ -16,6 +16,7 @@ from app.params import GenerationParams
 
 class FakeModel:
     name, device, sample_rate, channels = "fake", "cpu", 32000, 1
+    features = {"melody": False}
 
     def __init__(self, steps: int = 50, step_seconds: float = 0.0, fail_at: int = -1):
         self.steps, self.step_seconds, self.fail_at = steps, step_seconds, fail_at

@@ -107,3 +107,9 @@ def test_melody_models_generate_from_text_alone_and_leave_torch_hub_as_it_was(na
     wav, counts = run(model, seed=3)
     assert wav.shape == (model.channels, 2 * 32000) and torch.isfinite(wav).all()
     assert counts["lm"] == model.lm_steps(2)
+
+
+def test_features_say_what_the_loaded_model_can_do(mono, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert mono.features == {"melody": False}
+    assert MusicModel.load("debug-melody", "cpu", "debug").features == {"melody": True}
