@@ -1,6 +1,8 @@
+import importlib.util
+
 import pytest
 
-from tests.helpers import Server
+from tests.helpers import ROOT, Server
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,12 @@ def idle_server(server):
     server.wait(timeout=10)
     yield server
     server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def fetch_weights():
+    """scripts/fetch_weights.py as a module."""
+    spec = importlib.util.spec_from_file_location("fetch_weights", ROOT / "scripts" / "fetch_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
