@@ -22,6 +22,15 @@ def idle_server(server):
 
 
 @pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory):
+    """The miniature Hugging Face cache (tests/hub_cache.py), built once per session: the environment serving
+    from it (HF_HOME, TORCH_HOME, offline)."""
+    from tests import hub_cache
+
+    return hub_cache.build(tmp_path_factory.mktemp("hub-cache"))
+
+
+@pytest.fixture(scope="session")
 def fetch_weights():
     """scripts/fetch_weights.py as a module."""
     spec = importlib.util.spec_from_file_location("fetch_weights", ROOT / "scripts" / "fetch_weights.py")
