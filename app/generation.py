@@ -18,6 +18,7 @@ import typing as tp
 
 import torch
 
+from . import threads
 from .audio import to_wav
 from .model import ModelLoadError
 from .params import MAX_SEED, GenerationParams
@@ -139,8 +140,9 @@ class GenerationService:
     """One generation at a time, on one long-lived thread that also loads the model."""
 
     def __init__(self, load_model: tp.Callable[[], Model], normalize: str = "loudness",
-                 idle_unload_seconds: float = 0.0):
+                 idle_unload_seconds: float = 0.0, cpu_threads: tp.Optional[int] = None):
         self._load_model = load_model
+        self._cpu_threads = cpu_threads  # MUSICGEN_CPU_THREADS, set on the generation thread; None: torch's own
         self._normalize = normalize
         self._idle_unload = idle_unload_seconds
         self._unloaded = False  # the model was unloaded for idleness; the next job loads it again
@@ -200,6 +202,8 @@ class GenerationService:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        if self._cpu_threads is not None:  # torch's thread count belongs to the thread that sets it: this one
+            threads.apply(self._cpu_threads)
         try:
             self.model = self._load_model()
         except Exception as e:

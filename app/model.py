@@ -23,6 +23,7 @@ from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiff
 from audiocraft.modules.conditioners import ChromaStemConditioner
 from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
+from . import codec as decoder_codec
 from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
@@ -162,9 +163,11 @@ class MusicModel:
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
              cross_kv_cache: bool = False, static_kv_cache: bool = False,
-             packed_weights: bool = False, trusted_types: tp.Sequence[str] = ()) -> "MusicModel":
-        """Load the models; the defaults of precision and the three speed-ups (MUSICGEN_PRECISION, ..._KV_CACHE,
-        ..._PACKED_WEIGHTS) are stock audiocraft; `trusted_types` widen the checkpoints' unpickling allow-list."""
+             packed_weights: bool = False, decoder_precision: str = "fp32",
+             trusted_types: tp.Sequence[str] = ()) -> "MusicModel":
+        """Load the models; the defaults of precision, the three speed-ups and the decoder's precision
+        (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS, MUSICGEN_DECODER_PRECISION) are stock audiocraft;
+        `trusted_types` widen the checkpoints' unpickling allow-list (MUSICGEN_TRUSTED_CHECKPOINT_TYPES)."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device, trusted_types), mbd_source, trusted_types)
@@ -174,8 +177,11 @@ class MusicModel:
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
             cross_kv_cache = static_kv_cache = packed_weights = False
-        log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
-                 fast_lm.install(lm, cross_kv_cache, static_kv_cache, packed_weights))
+        resolved = lm_precision.apply(lm, precision, device)
+        log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
+            lm, cross_kv_cache, static_kv_cache, packed_weights, int8_weights=resolved == "int8-dynamic"))
+        log.info("EnCodec decoder precision %s",
+                 decoder_codec.apply(model.musicgen.compression_model, decoder_precision, device))
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
@@ -187,7 +193,7 @@ class MusicModel:
         return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
                         precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
                         static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights,
-                        trusted_types=settings.trusted_types)
+                        decoder_precision=settings.decoder_precision, trusted_types=settings.trusted_types)
 
     @property
     def stereo(self) -> bool:

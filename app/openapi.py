@@ -66,6 +66,41 @@ def _error(description: str, headers: tp.Optional[tp.Dict[str, tp.Any]] = None) 
     return response
 
 
+# Every answer, to a page of an allowed origin (MUSICGEN_CORS_ORIGINS, app/cors.py).
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": {
+        "description": "`*` (the default: any origin), or the page's own origin when MUSICGEN_CORS_ORIGINS lists "
+                       "it; absent for other origins, whose pages the browser then keeps from reading the answer.",
+        "schema": {"type": "string"}},
+    "Access-Control-Expose-Headers": {"description": "Headers a page may read beyond the safelisted ones.",
+                                      "schema": {"const": "Retry-After"}},
+}
+PREFLIGHT = {
+    "operationId": "generateMusicPreflight",
+    "summary": "CORS preflight, sent by browsers before a cross-origin POST",
+    "description": "Answered at once, before the token check (none is needed) and without taking the generation "
+                   "slot or counting as a request. For an origin that is not allowed, 204 without CORS headers.",
+    "security": [{}],
+    "responses": {"204": {"description": "No content.", "headers": {
+        "Access-Control-Allow-Origin": {"$ref": "#/components/headers/Access-Control-Allow-Origin"},
+        "Access-Control-Allow-Methods": {"schema": {"const": "GET, POST"}},
+        "Access-Control-Allow-Headers": {"description": "The requested ones among Content-Type and Authorization.",
+                                         "schema": {"type": "string"}},
+        "Access-Control-Max-Age": {"description": "Seconds a browser may keep this answer.",
+                                   "schema": {"type": "integer"}}}}},
+}
+
+
+def _with_cors(paths: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """Every documented answer carries the CORS headers; the generation endpoint also takes a preflight."""
+    for operation in (op for ops in paths.values() for op in ops.values()):
+        for response in operation["responses"].values():
+            response["headers"] = {**response.get("headers", {}), **{
+                name: {"$ref": f"#/components/headers/{name}"} for name in CORS_HEADERS}}
+    paths["/api/v1/generate_music"]["options"] = copy.deepcopy(PREFLIGHT)
+    return paths
+
+
 def _request_schema() -> tp.Dict[str, tp.Any]:
     schema = copy.deepcopy(GenerateParams.model_json_schema(ref_template=REF))
     schema["properties"]["description"]["description"] += (
@@ -146,15 +181,15 @@ def document() -> tp.Dict[str, tp.Any]:
         "info": {"title": "MusicGen text-to-music API", "version": _version(),
                  "description": "Text-to-music with MusicGen; progress streamed as Server-Sent Events. "
                                 "Audio is WAV, 32000 Hz, 16-bit PCM, mono or stereo as the model gives."},
-        "paths": {
+        "paths": _with_cors({
             "/api/v1/generate_music": {"post": generate},
             "/health": {"get": {**health, "operationId": "health"}},
             "/api/v1/health": {"get": {**health, "operationId": "healthV1"}},
             "/api/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
                                              "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                                    "content": {JSON: {}}}}}},
-        },
-        "components": {"schemas": schemas,
+        }),
+        "components": {"schemas": schemas, "headers": copy.deepcopy(CORS_HEADERS),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "Only when MUSICGEN_AUTH_TOKEN is set."}}},
     }
