@@ -21,12 +21,9 @@ from tests.helpers import Server, events, generate, wav_info
 from tests.hub_cache import ENCODEC, MBD, MBD_FILE, MUSICGEN, T5, OpenedFiles, repo_folder
 
 STEREO = {"facebook/musicgen-stereo-small", "facebook/musicgen-stereo-melody"}
-# One torch thread: torch's default (2 on these machines) collapses when the cores are shared (README,
-# "Performance"); a 1 s clip with MBD took 25 s instead of 3 s on a busy machine.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # audiocraft as it runs on CUDA, where the CPU speed-ups stay off.
 STOCK = {"MUSICGEN_PRECISION": "fp32", "MUSICGEN_CROSS_KV_CACHE": "0", "MUSICGEN_STATIC_KV_CACHE": "0",
-         "MUSICGEN_PACKED_WEIGHTS": "0"}
+         "MUSICGEN_PACKED_WEIGHTS": "0", "MUSICGEN_DECODER_PRECISION": "fp32"}
 
 
 def cached(env, repo: str, name: str) -> Path:
@@ -98,7 +95,7 @@ def test_the_mbd_file_pickles_omegaconf_configs_like_the_real_one(hub_cache):
 def serve_and_generate(env, model: str, mbd_runs=(False, True)):
     """Serve `model` from the cache, generate 1 s per entry of `mbd_runs`; the health and the files opened."""
     channels = 2 if model in STEREO else 1
-    with OpenedFiles(env) as opened, Server({**env, **ONE_THREAD, "MUSICGEN_MODEL": model}) as server:
+    with OpenedFiles(env) as opened, Server({**env, "MUSICGEN_MODEL": model}) as server:
         health = server.wait(timeout=300)
         assert (health["model"], health["channels"], health["model_loaded"]) == (model, channels, True)
         for mbd in mbd_runs:
