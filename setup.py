@@ -12,7 +12,8 @@ setup(
     py_modules=["generate_music"],
     entry_points={"console_scripts": ["musicgen-generate=generate_music:main"]},
     python_requires=">=3.11",
-    # The exact, complete set is pinned in requirements.txt (installed with --no-deps).
-    install_requires=["audiocraft==1.3.0", "flask>=3", "flask-cors>=6", "gunicorn>=23", "pydantic>=2.6", "soundfile",
-                      "torch>=2.6"],
+    # Nothing: the client needs only the standard library, and the server runs on the exact set pinned in
+    # requirements.txt, which scripts/serve installs with --no-deps. Named here, audiocraft==1.3.0 would make pip
+    # resolve its stale pins (av==11.0.0 from source, which does not build) and `pip install .` would fail.
+    install_requires=[],
 )

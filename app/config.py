@@ -14,6 +14,7 @@ NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#*\s]+", re.IGNORECASE)  # what a browser sends in `Origin`
 DECODER_PRECISIONS = ("auto", "fp32", "bf16")
+TYPE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # module.Type
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,11 @@ class Settings:
     # keys/values once per generation, fp16 matrix weights) and replay each decoding step, sampling included,
     # as one CUDA graph (app/cuda_graph.py). Opt-in until a GPU run of scripts/gpu_check has checked it.
     cuda_graph: bool = False
+    # MUSICGEN_TRUSTED_CHECKPOINT_TYPES: comma-separated fully qualified types (e.g. pathlib.PosixPath) that the
+    # checkpoints may unpickle besides tensors, plain types and omegaconf's config types. Empty by default. Risk:
+    # a checkpoint can then build objects of these types with arguments of its choosing, so name only types you
+    # know, for files you trust (a load error names the type a checkpoint needs).
+    trusted_checkpoint_types: str = ""
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -101,9 +107,16 @@ class Settings:
                               f"{', '.join(DECODER_PRECISIONS)}")
         if self.cpu_threads < 0:
             raise ConfigError("MUSICGEN_CPU_THREADS must be 0 (every core this process may use) or more")
+        if any(not TYPE_NAME.match(name) for name in self.trusted_types):
+            raise ConfigError(f"MUSICGEN_TRUSTED_CHECKPOINT_TYPES={self.trusted_checkpoint_types!r}: "
+                              "use fully qualified names separated by commas, e.g. pathlib.PosixPath")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
         _check_origins(self.allowed_origins)
+
+    @property
+    def trusted_types(self) -> tp.Tuple[str, ...]:
+        return tuple(name.strip() for name in self.trusted_checkpoint_types.split(",") if name.strip())
 
     @property
     def mbd_source(self) -> str:

@@ -6,9 +6,12 @@ local directory, or are the tiny `debug` models. Everything here runs on the gen
 
 import collections
 import contextlib
+import importlib
 import logging
 import math
 import os
+import pickle
+import re
 import tempfile
 import typing as tp
 
@@ -33,13 +36,17 @@ log = logging.getLogger(__name__)
 
 # torch >= 2.6 loads checkpoints with weights_only=True and audiocraft 1.3.0 does not say otherwise.
 # The MBD checkpoint pickles one omegaconf training config per band: allow exactly the types such a
-# config is made of, for the duration of that load only, instead of unpickling arbitrary objects.
+# config is made of, for the duration of the checkpoint loads only, instead of unpickling arbitrary objects.
 OMEGACONF_GLOBALS: tp.List[tp.Any] = [
     omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.base.ContainerMetadata, omegaconf.base.Metadata,
     omegaconf.nodes.AnyNode, omegaconf.nodes.StringNode, omegaconf.nodes.IntegerNode, omegaconf.nodes.FloatNode,
     omegaconf.nodes.BooleanNode, omegaconf.nodes.EnumNode, omegaconf.nodes.PathNode, omegaconf.nodes.BytesNode,
     tp.Any, dict, list, int, float, bool, str, collections.defaultdict,
 ]
+
+# How torch names the type it refused (its UnpicklingError, weights_only=True).
+REFUSED_TYPE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+TRUSTED_TYPES_SETTING = "MUSICGEN_TRUSTED_CHECKPOINT_TYPES"
 
 # audiocraft's NoiseSchedule.generate_subsampled walks 20 denoising steps per band by default.
 DIFFUSION_STEPS_PER_BAND = 20
@@ -59,22 +66,63 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def load_musicgen(name: str, device: str) -> MusicGen:
+@contextlib.contextmanager
+def checkpoint_types(trusted: tp.Sequence[str] = ()) -> tp.Iterator[None]:
+    """Checkpoint loads inside this block may unpickle omegaconf's config types and the `trusted` ones
+    (fully qualified names, MUSICGEN_TRUSTED_CHECKPOINT_TYPES), and nothing else beyond torch's defaults."""
+    allowed = list(OMEGACONF_GLOBALS)
+    for name in trusted:
+        module, _, attribute = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attribute))
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ModelLoadError(f"{TRUSTED_TYPES_SETTING} names {name!r}, which cannot be imported: {e}") from None
+    with torch.serialization.safe_globals(allowed):
+        yield
+
+
+def load_failure(what: str, e: Exception, remedy: str) -> ModelLoadError:
+    """Why a load failed, the real cause first: a missing Python package, a type the checkpoint pickles
+    that weights_only=True refuses, or else `remedy` (what to set or fetch)."""
+    seen: tp.Set[int] = set()
+    cause: tp.Optional[BaseException] = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ImportError):
+            package = f"the Python package {cause.name.split('.')[0]!r}" if cause.name else "a Python package"
+            return ModelLoadError(
+                f"{what}: {package} is missing ({type(cause).__name__}: {cause}). Install the service's "
+                "pinned set into its virtualenv: pip install --no-deps -r requirements.txt (scripts/serve does).")
+        refused = REFUSED_TYPE.search(str(cause)) if isinstance(cause, pickle.UnpicklingError) else None
+        if refused:
+            return ModelLoadError(
+                f"{what}: the checkpoint pickles {refused[1]}, which torch refuses to unpickle with "
+                f"weights_only=True. If you trust the file, allow that type: {TRUSTED_TYPES_SETTING}={refused[1]} "
+                "(README, Configuration: a trusted type lets the file build objects of that type).")
+        cause = cause.__cause__ or cause.__context__
+    return ModelLoadError(f"{what}: {type(e).__name__}: {e}. {remedy}")
+
+
+def load_musicgen(name: str, device: str, trusted_types: tp.Sequence[str] = ()) -> MusicGen:
     """MusicGen from a Hugging Face id, a local checkpoint directory, or a built-in tiny model (`debug*`)."""
     if name in debug_models.MODELS:
         return debug_models.build_musicgen(name, device)
     try:
-        return MusicGen.get_pretrained(name, device=device)
+        with checkpoint_types(trusted_types):
+            return MusicGen.get_pretrained(name, device=device)
+    except ModelLoadError:
+        raise
     except Exception as e:
         where = "directory" if os.path.isdir(name) else "Hugging Face id"
-        raise ModelLoadError(
-            f"could not load MUSICGEN_MODEL={name!r} ({where}): {type(e).__name__}: {e}. "
+        raise load_failure(
+            f"could not load MUSICGEN_MODEL={name!r} ({where})", e,
             "Set MUSICGEN_MODEL to a directory holding state_dict.bin and compression_state_dict.bin, "
             "or fetch the weights into the Hugging Face cache (HF_HOME) on a machine with internet "
             "and run with HF_HUB_OFFLINE=1, or use MUSICGEN_MODEL=debug to try the service.") from e
 
 
-def load_mbd(source: str, codec: torch.nn.Module, device: str) -> MultiBandDiffusion:
+def load_mbd(source: str, codec: torch.nn.Module, device: str,
+             trusted_types: tp.Sequence[str] = ()) -> MultiBandDiffusion:
     """MultiBand Diffusion for 32 kHz MusicGen tokens, decoding through `codec` (mono EnCodec).
 
     `source` is a Hugging Face id, a directory holding mbd_musicgen_32khz.th, that file, or `debug`;
@@ -85,12 +133,14 @@ def load_mbd(source: str, codec: torch.nn.Module, device: str) -> MultiBandDiffu
             source = stack.enter_context(tempfile.TemporaryDirectory(prefix="musicgen-mbd-"))
             torch.save(debug_models.mbd_package(), os.path.join(source, debug_models.MBD_FILE))
         try:
-            with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
+            with checkpoint_types(trusted_types):
                 models, processors, cfgs = load_diffusion_models(source, device=device,
                                                                  filename=debug_models.MBD_FILE)
+        except ModelLoadError:
+            raise
         except Exception as e:
-            raise ModelLoadError(
-                f"could not load MultiBand Diffusion from MUSICGEN_MBD_MODEL={source!r}: {type(e).__name__}: {e}. "
+            raise load_failure(
+                f"could not load MultiBand Diffusion from MUSICGEN_MBD_MODEL={source!r}", e,
                 "Fetch facebook/multiband-diffusion into the Hugging Face cache or point MUSICGEN_MBD_MODEL "
                 f"at a directory holding {debug_models.MBD_FILE}.") from e
     processes = [
@@ -103,9 +153,10 @@ def load_mbd(source: str, codec: torch.nn.Module, device: str) -> MultiBandDiffu
 class MusicModel:
     """A loaded MusicGen (and, once needed, MBD), and the one way the service runs them."""
 
-    def __init__(self, musicgen: MusicGen, mbd_source: str):
+    def __init__(self, musicgen: MusicGen, mbd_source: str, trusted_types: tp.Sequence[str] = ()):
         self.musicgen = musicgen
         self.mbd_source = mbd_source
+        self.trusted_types = tuple(trusted_types)  # for MBD, loaded later
         self.mbd: tp.Optional[MultiBandDiffusion] = None
         self.name: str = musicgen.name
         self.device: str = str(musicgen.device)
@@ -115,12 +166,15 @@ class MusicModel:
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
              cross_kv_cache: bool = False, static_kv_cache: bool = False,
-             packed_weights: bool = False, decoder_precision: str = "fp32", cuda_graph: bool = False) -> "MusicModel":
-        """Load the models; the defaults of the last six (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS,
-        MUSICGEN_DECODER_PRECISION, MUSICGEN_CUDA_GRAPH) are stock audiocraft."""
+             packed_weights: bool = False, decoder_precision: str = "fp32", cuda_graph: bool = False,
+             trusted_types: tp.Sequence[str] = ()) -> "MusicModel":
+        """Load the models; the defaults of precision, the three speed-ups, the decoder's precision and the CUDA
+        graph (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS, MUSICGEN_DECODER_PRECISION,
+        MUSICGEN_CUDA_GRAPH) are stock audiocraft; `trusted_types` widen the checkpoints' unpickling allow-list
+        (MUSICGEN_TRUSTED_CHECKPOINT_TYPES)."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
-        model = cls(load_musicgen(name, device), mbd_source)
+        model = cls(load_musicgen(name, device, trusted_types), mbd_source, trusted_types)
         lm = model.musicgen.lm
         if not device.startswith("cpu") and (cross_kv_cache or static_kv_cache or packed_weights):
             # Verified (same greedy tokens as stock) on CPU only; on CUDA audiocraft's fp16 autocast and
@@ -149,7 +203,8 @@ class MusicModel:
         return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
                         precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
                         static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights,
-                        decoder_precision=settings.decoder_precision, cuda_graph=settings.cuda_graph)
+                        decoder_precision=settings.decoder_precision, cuda_graph=settings.cuda_graph,
+                        trusted_types=settings.trusted_types)
 
     @property
     def stereo(self) -> bool:
@@ -167,7 +222,7 @@ class MusicModel:
             if isinstance(codec, InterleaveStereoCompressionModel):
                 codec = codec.model  # MBD works on one EnCodec stream; stereo decodes left and right apart
             log.info("loading MultiBand Diffusion from %s", self.mbd_source)
-            self.mbd = load_mbd(self.mbd_source, codec, self.device)
+            self.mbd = load_mbd(self.mbd_source, codec, self.device, self.trusted_types)
         return self.mbd
 
     def check(self, params: GenerationParams) -> None:

@@ -1,7 +1,9 @@
+import importlib.util
+
 import pytest
 import torch
 
-from tests.helpers import Server
+from tests.helpers import ROOT, Server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +31,21 @@ def idle_server(server):
     server.wait(timeout=10)
     yield server
     server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory):
+    """The miniature Hugging Face cache (tests/hub_cache.py), built once per session: the environment serving
+    from it (HF_HOME, TORCH_HOME, offline)."""
+    from tests import hub_cache
+
+    return hub_cache.build(tmp_path_factory.mktemp("hub-cache"))
+
+
+@pytest.fixture(scope="session")
+def fetch_weights():
+    """scripts/fetch_weights.py as a module."""
+    spec = importlib.util.spec_from_file_location("fetch_weights", ROOT / "scripts" / "fetch_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

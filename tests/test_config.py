@@ -22,8 +22,15 @@ def test_environment_overrides_and_debug_mbd():
 @pytest.mark.parametrize("name, value", [
     ("MUSICGEN_DEVICE", "tpu"), ("MUSICGEN_KEEPALIVE_SECONDS", "soon"), ("MUSICGEN_KEEPALIVE_SECONDS", "0"),
     ("MUSICGEN_NORMALIZE", "loud"), ("MUSICGEN_MBD_PRELOAD", "maybe"), ("MUSICGEN_MAX_BODY_BYTES", "10"),
-    ("MUSICGEN_LOG_LEVEL", "chatty"),
+    ("MUSICGEN_LOG_LEVEL", "chatty"), ("MUSICGEN_TRUSTED_CHECKPOINT_TYPES", "PosixPath"),
+    ("MUSICGEN_TRUSTED_CHECKPOINT_TYPES", "pathlib.PosixPath; os.system"),
 ])
 def test_bad_values_fail_at_start_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_trusted_checkpoint_types_are_none_by_default_and_a_comma_separated_list():
+    assert Settings().trusted_types == ()
+    settings = Settings.from_env({"MUSICGEN_TRUSTED_CHECKPOINT_TYPES": "pathlib.PosixPath, omegaconf.nodes.X"})
+    assert settings.trusted_types == ("pathlib.PosixPath", "omegaconf.nodes.X")

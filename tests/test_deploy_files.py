@@ -95,3 +95,10 @@ def test_env_example_names_only_real_settings_and_loads():
     fields = {f"MUSICGEN_{name.upper()}" for name in Settings.__dataclass_fields__}
     assert {k for k in env if k.startswith("MUSICGEN_")} <= fields
     Settings.from_env(env)
+
+
+def test_the_unit_reads_the_caches_where_fetch_weights_says_to_copy_them(fetch_weights):
+    # HF_HOME for the Hugging Face cache, TORCH_HOME for torch.hub's checkpoints (htdemucs, for melody models).
+    environment = dict(pair.split("=", 1) for line in unit_settings()["Environment"] for pair in line.split())
+    assert (environment["HF_HOME"], environment["TORCH_HOME"]) == (
+        fetch_weights.UNIT_HF_HOME, fetch_weights.UNIT_TORCH_HOME)

@@ -4,7 +4,6 @@ The download itself cannot run here (the Hugging Face hub is unreachable); what 
 checked through --dry-run, and the checkpoint reading on checkpoints in the hub's own format.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,14 +23,6 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
-@pytest.fixture(scope="module")
-def fetch_weights():
-    spec = importlib.util.spec_from_file_location("fetch_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_dry_run_lists_model_encodec_t5_and_mbd_and_fetches_nothing(tmp_path):
     result = run("--dry-run", "--hf-home", str(tmp_path / "w"), "--model", "facebook/musicgen-medium",
                  "--model", "facebook/musicgen-stereo-small")
@@ -45,6 +36,33 @@ def test_dry_run_lists_model_encodec_t5_and_mbd_and_fetches_nothing(tmp_path):
                  "facebook/multiband-diffusion: mbd_musicgen_32khz.th"):
         assert line in out
     assert not (tmp_path / "w").exists()
+
+
+def test_melody_models_also_fetch_htdemucs_into_torch_home(tmp_path):
+    result = run("--dry-run", "--hf-home", str(tmp_path / "hf"), "--torch-home", str(tmp_path / "torch"),
+                 "--model", "facebook/musicgen-stereo-melody")
+    assert result.returncode == 0, result.stderr
+    assert f"into {tmp_path / 'torch' / 'hub' / 'checkpoints'}:\n  955717e8-8726e21a.th from https://" in result.stdout
+    assert "955717e8" not in run("--dry-run", "--model", "facebook/musicgen-small").stdout
+
+
+def test_torch_home_defaults_as_torch_hub_reads_it(tmp_path):
+    env = {"TORCH_HOME": "", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert f"into {tmp_path / 'xdg' / 'torch' / 'hub' / 'checkpoints'}" in run(
+        "--dry-run", "--model", "facebook/musicgen-melody", **env).stdout
+    assert f"into {tmp_path / 't' / 'hub' / 'checkpoints'}" in run(
+        "--dry-run", "--model", "facebook/musicgen-melody", TORCH_HOME=str(tmp_path / "t")).stdout
+
+
+def test_the_htdemucs_url_is_the_one_demucs_loads(fetch_weights):
+    # What demucs.pretrained.get_model("htdemucs") asks torch.hub for, read from demucs' own files.
+    import yaml
+    from demucs import pretrained
+
+    (signature,) = yaml.safe_load((pretrained.REMOTE_ROOT / "htdemucs.yaml").read_text())["models"]
+    assert pretrained._parse_remote_files(pretrained.REMOTE_ROOT / "files.txt")[signature] == \
+        fetch_weights.HTDEMUCS_URL
+    assert fetch_weights.HTDEMUCS.file == debug_models.HTDEMUCS_FILE
 
 
 def test_no_mbd_and_default_model(tmp_path):
@@ -77,7 +95,7 @@ def test_reads_the_dependencies_a_checkpoint_names(fetch_weights, tmp_path):
     debug_models.save_checkpoints(str(tmp_path))
     lm, compression = tmp_path / debug_models.LM_FILE, tmp_path / debug_models.COMPRESSION_FILE
     # The debug model has a lookup-table conditioner and its own EnCodec: nothing else to fetch.
-    assert fetch_weights.named_dependencies(str(lm), str(compression)) == (None, None)
+    assert fetch_weights.named_dependencies(str(lm), str(compression)) == (None, None, False)
 
     # The official checkpoints configure a T5 conditioner and point at a pretrained EnCodec.
     package = torch.load(lm, weights_only=True)
@@ -87,4 +105,4 @@ def test_reads_the_dependencies_a_checkpoint_names(fetch_weights, tmp_path):
     torch.save(package, lm)
     torch.save({"pretrained": "facebook/encodec_24khz"}, compression)
     assert fetch_weights.named_dependencies(str(lm), str(compression)) == (
-        "google/flan-t5-base", "facebook/encodec_24khz")
+        "google/flan-t5-base", "facebook/encodec_24khz", False)

@@ -6,15 +6,19 @@ torch >= 2.6's default `weights_only=True` refuses unless the loader allows thos
 """
 
 import os
+import pathlib
 import pickle
+import sys
 
 import huggingface_hub
+import omegaconf
 import pytest
 import torch
 
 from app import debug_models
 from app.model import ModelLoadError, MusicModel, load_mbd
 from app.params import GenerationParams
+from tests.helpers import Server, events, generate
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +76,47 @@ def test_missing_weights_say_what_to_set(tmp_path, monkeypatch):
         MusicModel.load("facebook/musicgen-small", "cpu", "facebook/multiband-diffusion")
     with pytest.raises(ModelLoadError, match="MUSICGEN_MBD_MODEL"):
         load_mbd(str(tmp_path / "nowhere"), debug_models.build_compression_model(), "cpu")
+
+
+def test_a_missing_package_is_named_not_taken_for_missing_weights(tmp_path, monkeypatch):
+    # A melody checkpoint on a box whose environment lacks demucs (the lock once left it out).
+    debug_models.save_checkpoints(str(tmp_path))
+    lm = debug_models.build_lm(melody=True)
+    torch.save({"xp.cfg": omegaconf.OmegaConf.to_yaml(lm.cfg), "best_state": lm.state_dict()},
+               tmp_path / debug_models.LM_FILE)
+    monkeypatch.setitem(sys.modules, "demucs", None)  # `import demucs` now fails as if it were not installed
+    with pytest.raises(ModelLoadError) as failure:
+        MusicModel.load(str(tmp_path), "cpu", "debug")
+    message = str(failure.value)
+    assert "the Python package 'demucs' is missing" in message and "requirements.txt" in message
+    assert "fetch the weights" not in message
+
+
+def save_mbd_with_a_path(directory):
+    """An MBD file whose config holds a path, as an omegaconf PathNode: it pickles pathlib.PosixPath."""
+    package = debug_models.mbd_package()
+    for band in range(package["n_bands"]):
+        package[band]["cfg"].checkpoint_dir = pathlib.Path("/checkpoints/mbd")
+    torch.save(package, directory / debug_models.MBD_FILE)
+
+
+def test_a_type_weights_only_refuses_is_named_with_the_setting_that_allows_it(tmp_path):
+    save_mbd_with_a_path(tmp_path)
+    codec = debug_models.build_compression_model()
+    with pytest.raises(ModelLoadError) as failure:
+        load_mbd(str(tmp_path), codec, "cpu")
+    assert "pickles pathlib.PosixPath" in str(failure.value)
+    assert "MUSICGEN_TRUSTED_CHECKPOINT_TYPES=pathlib.PosixPath" in str(failure.value)
+    mbd = load_mbd(str(tmp_path), codec, "cpu", trusted_types=["pathlib.PosixPath"])
+    assert len(mbd.DPs) == debug_models.MBD_BANDS
+    with pytest.raises(ModelLoadError, match="MUSICGEN_TRUSTED_CHECKPOINT_TYPES names 'pathlib.NoSuchPath'"):
+        load_mbd(str(tmp_path), codec, "cpu", trusted_types=["pathlib.NoSuchPath"])
+
+
+def test_the_server_takes_the_trusted_types_from_its_setting(tmp_path):
+    save_mbd_with_a_path(tmp_path)
+    env = {"MUSICGEN_MBD_MODEL": str(tmp_path), "MUSICGEN_TRUSTED_CHECKPOINT_TYPES": "pathlib.PosixPath"}
+    with Server(env) as server:
+        server.wait()
+        *_, completed = events(generate(server.url, {"description": "strings", "duration": 1, "mbd": True}))
+    assert completed["event"] == "completed", completed
