@@ -78,7 +78,12 @@ class Int8Linear(torch.nn.Module):
         self.reduce_range = not torch.cpu._is_vnni_supported()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
+        # Given a ScriptObject (the packed weight), torch looks `__torch_function__` up on it at every call, which
+        # raises and catches an AttributeError: on a 1024x1024 product kept in the cache, 69 us a call with it and
+        # 39 us without; a whole int8 step at musicgen-small size ran 1.09-1.16x faster (paired). No tensor subclass
+        # comes here, so that look-up is skipped; the product is the same (bit-identical logits).
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8"
