@@ -136,3 +136,15 @@ def test_not_installed_without_the_static_cache_or_when_declined():
     assert fast_lm.install(copy.deepcopy(stock).lm, cross_kv_cache=True)["lean_step"] == 0
     assert fast_lm.install(copy.deepcopy(stock).lm, cross_kv_cache=False, static_kv_cache=True)["lean_step"] == 0
     assert fast_lm.install(copy.deepcopy(stock).lm, True, True, lean_step=False)["lean_step"] == 0
+
+
+def test_layers_without_cross_attention(stock_calls):
+    """debug-melody prepends its conditions to the input, as musicgen-melody does: no cross-attention in its layers."""
+    mg = debug_models.build_musicgen("debug-melody")
+    plain = with_speedups(mg, cross_kv_cache=True, static_kv_cache=True, lean_step=False)
+    lean = with_speedups(mg, cross_kv_cache=True, static_kv_cache=True)
+    assert all(layer.cross_attention is None and hasattr(layer, "lean_plan") for layer in lean.lm.transformer.layers)
+    assert torch.equal(greedy_tokens(lean, 1.0), greedy_tokens(plain, 1.0))
+    # Only the first step (the prepended conditions and the first token, no cache yet) and, since fast_lm sizes the
+    # cache for the generated steps without those conditions, its one growth take the stock forward.
+    assert fallbacks(lean.lm, stock_calls) == [2] * len(lean.lm.transformer.layers)
