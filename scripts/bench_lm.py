@@ -21,6 +21,8 @@ STOCK = "audiocraft fp32 (stock)"
 FP32_PACKED = "fp32 + cross-KV + static KV + packed"
 BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU default where bf16 is native, no VNNI
 DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
+# The same without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean step saves.
+DEFAULT_STOCK_LAYER = DEFAULT + ", stock layer forward"
 
 
 def _shared_copy(lm: LMModel) -> LMModel:
@@ -46,6 +48,9 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True)
+    int8_stock_layer = copy.deepcopy(stock)
+    precision.apply(int8_stock_layer, "int8-dynamic", "cpu")
+    fast_lm.install(int8_stock_layer, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, lean_step=False)
     fp32_packed = copy.deepcopy(stock)  # packing makes new tensors (and a packed LM cannot be copied)
     fast_lm.install(fp32_packed, cross_kv_cache=True, static_kv_cache=True, packed_weights=True)
     bf16_packed = copy.deepcopy(stock)
@@ -55,7 +60,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
-            DEFAULT: int8}
+            DEFAULT: int8, DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
 def sharpen(lm: LMModel, factor: float) -> LMModel:
@@ -183,7 +188,8 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     there: the per-step cost grows with the context (attention; stock also copies its KV cache each step)."""
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
-                                                "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT)}
+                                                "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
+                                                DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))

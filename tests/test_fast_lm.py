@@ -74,10 +74,10 @@ def test_install_reports_what_it_reached_and_stock_is_untouched():
     fast = copy.deepcopy(mg)
     layers = len(mg.lm.transformer.layers)
     assert fast_lm.install(fast.lm, cross_kv_cache=True, static_kv_cache=True) == {
-        "cross_kv_cache": layers, "static_kv_cache": layers, "packed_weights": 0}
+        "cross_kv_cache": layers, "static_kv_cache": layers, "packed_weights": 0, "lean_step": layers}
     assert not any(hasattr(m, "cross_kv_computed") for m in mg.lm.modules())
     assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {
-        "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0}
+        "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0}
 
 
 def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
@@ -196,8 +196,8 @@ def test_precision_setting_is_validated():
 
 
 def test_server_runs_the_default_speedups(idle_server):
-    """The shared test server runs with the defaults: cross and static caches and packed weights on,
-    precision auto."""
+    """The shared test server runs with the defaults: cross and static caches, packed weights and the lean step
+    on, precision auto."""
     with generate(idle_server.url, {"description": "drums", "duration": 2, "temperature": 0}) as response:
         assert response.status_code == 200
         last = list(events(response))[-1]
@@ -205,4 +205,5 @@ def test_server_runs_the_default_speedups(idle_server):
     expected = precision.resolve("auto", "cpu")
     layers = len(musicgen().lm.transformer.layers)
     assert (f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, 'static_kv_cache': {layers}, "
-            f"'packed_weights': {6 * layers + musicgen().lm.num_codebooks}}}") in idle_server.output()
+            f"'packed_weights': {6 * layers + musicgen().lm.num_codebooks}, 'lean_step': {layers}}}") \
+        in idle_server.output()
