@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""What streaming audio costs: incremental decoding (app/stream_decode.py) plus levelling (app/stream_level.py)
+against the one final EnCodec decode it replaces, on the real-size 32 kHz EnCodec (transformers' EncodecModel as
+facebook/encodec_32khz is configured, random weights, codebooks filled), on one thread.
+
+    .venv/bin/python scripts/bench_streaming.py            # 10 s and 30 s mono, 10 s stereo, 3 repeats (~5 min)
+    .venv/bin/python scripts/bench_streaming.py --quick    # 1 repeat
+
+`streaming_costs()` is the section scripts/bench.py can call. Frames are pushed one at a time, as the LM
+completes them; full and streamed decodes alternate (the cores are shared: paired ratios, not absolute times).
+The job-time figure assumes an LM that takes `lm_seconds` per second of audio: 1.0 is real time (20 ms/step at
+50 Hz), 3.2 is the default speed-ups measured on this machine (64 ms/step).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
+
+import torch  # noqa: E402
+from audiocraft.data.audio_utils import normalize_audio  # noqa: E402
+from audiocraft.models.encodec import HFEncodecCompressionModel, InterleaveStereoCompressionModel  # noqa: E402
+from transformers import EncodecConfig, EncodecModel  # noqa: E402
+
+from app.audio import DEMO_LOUDNESS  # noqa: E402
+from app.stream_decode import IncrementalDecoder, Plan  # noqa: E402
+from app.stream_level import Leveler  # noqa: E402
+
+
+def real_size_codec(stereo: bool = False) -> tp.Any:
+    """facebook/encodec_32khz's architecture at full size (57 M parameters) with random weights; its
+    codebooks filled (zeros would decode to silence)."""
+    config = EncodecConfig(upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2], num_filters=64,
+                           sampling_rate=32000, codebook_size=2048, use_causal_conv=False, normalize=False,
+                           use_conv_shortcut=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EncodecModel(config).eval()
+        for layer in model.quantizer.layers:
+            layer.codebook.embed.normal_()
+    codec = HFEncodecCompressionModel(model).eval()
+    return InterleaveStereoCompressionModel(codec) if stereo else codec
+
+
+def _stream(plan: Plan, codes: torch.Tensor, rate: int, frame_rate: int) -> tp.Dict[str, tp.Any]:
+    decoder, leveler = IncrementalDecoder(plan, frame_rate), Leveler(rate)
+    stalls, level_seconds, chunks = [], 0.0, []
+    started = time.perf_counter()
+    for t in range(codes.shape[-1] + 1):
+        before = time.perf_counter()
+        segments = decoder.push(codes[..., t:t + 1]) if t < codes.shape[-1] else decoder.finish()
+        for audio, _ in segments:
+            level_start = time.perf_counter()
+            chunks.append(leveler(audio[0]))
+            level_seconds += time.perf_counter() - level_start
+        if segments:
+            stalls.append(time.perf_counter() - before)
+    return {"seconds": time.perf_counter() - started, "level_seconds": level_seconds, "stalls": stalls,
+            "clip": decoder.clip(), "streamed": torch.cat(chunks, dim=-1)}
+
+
+def _figures(full: torch.Tensor, streamed: tp.Dict[str, tp.Any], hop: int, frame_rate: int,
+             rate: int) -> tp.Dict[str, float]:
+    clip, out = streamed["clip"], streamed["streamed"]
+    half = out.shape[-1] // 2
+    error = (clip - full).pow(2).sum().clamp_min(1e-30)
+    step = out.diff(dim=-1).abs()
+    boundaries = range(frame_rate * hop, out.shape[-1], frame_rate * hop)
+    # a seam's jump against the largest sample-to-sample change in the half second around it (1 = as large)
+    seams = [float((step[..., b - 1] / step[..., max(0, b - 16000):b + 16000].amax(dim=-1)).max()) for b in boundaries]
+    final = normalize_audio(clip[0], strategy="loudness", sample_rate=rate, **DEMO_LOUDNESS)  # app/audio.py's
+    return {"max_abs_diff_vs_full_decode": float((clip - full).abs().max()),
+            "snr_db_vs_full_decode": round(10 * math.log10(float(full.pow(2).sum() / error)), 1),
+            "worst_seam_jump_over_local_max_step": round(max(seams), 3),
+            "stream_peak": round(float(out.abs().max()), 4),
+            "levelled_stream_vs_final_normalized_snr_db": round(10 * math.log10(
+                float(final.pow(2).sum() / (final - out).pow(2).sum().clamp_min(1e-30))), 1),
+            "levelled_stream_vs_final_normalized_last_half_snr_db": round(10 * math.log10(
+                float(final[..., half:].pow(2).sum() / (final - out)[..., half:].pow(2).sum().clamp_min(1e-30))), 1)}
+
+
+def streaming_costs(durations: tp.Sequence[float] = (10, 30), stereo_durations: tp.Sequence[float] = (10,),
+                    repeats: int = 3, lm_seconds: tp.Sequence[float] = (1.0, 3.2)) -> tp.Dict[str, tp.Any]:
+    """Per case: seconds of one full decode and of streaming (decode + level), their ratio, the longest stall of
+    the LM at a chunk, exactness and seam figures, and the added share of a whole job's time."""
+    results: tp.Dict[str, tp.Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "cases": {}}
+    for stereo, cases in ((False, durations), (True, stereo_durations)):
+        if not cases:
+            continue
+        codec = real_size_codec(stereo)
+        started = time.perf_counter()
+        plan = Plan.of(codec)
+        results["plan_seconds"] = round(time.perf_counter() - started, 3)
+        frame_rate, rate = int(codec.frame_rate), codec.sample_rate
+        for duration in cases:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                codes = torch.randint(0, codec.cardinality, (1, codec.num_codebooks, int(duration * frame_rate)))
+            fulls, streams = [], []
+            with torch.inference_mode():
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    full = codec.decode(codes)
+                    fulls.append(time.perf_counter() - started)
+                    streamed = _stream(plan, codes, rate, frame_rate)
+                    streams.append(streamed)
+            full_s = statistics.median(fulls)
+            stream_s = statistics.median(s["seconds"] for s in streams)
+            added = stream_s - full_s
+            results["cases"][f"{'stereo' if stereo else 'mono'} {duration:g} s"] = {
+                "full_decode_s": round(full_s, 3), "streaming_s": round(stream_s, 3),
+                "of_which_level_s": round(statistics.median(s["level_seconds"] for s in streams), 3),
+                "ratio": round(stream_s / full_s, 3),
+                "ratios_per_repeat": [round(s["seconds"] / f, 3) for s, f in zip(streams, fulls, strict=True)],
+                "longest_stall_s": round(max(max(s["stalls"]) for s in streams), 3),
+                "added_share_of_job": {f"lm {lm:g} s/s": round(added / (lm * duration + full_s), 4)
+                                       for lm in lm_seconds},
+                **_figures(full, streams[-1], plan.hop, frame_rate, rate)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one repeat")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    results = streaming_costs(repeats=1 if args.quick else 3)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
