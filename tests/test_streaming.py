@@ -122,9 +122,17 @@ def check_stream(run: Run, prompt_frames: int = 0) -> None:
     streamed = torch.cat([chunk for chunk, _ in run.chunks], dim=-1)
     assert streamed.abs().max() < 1.0, "clipped"
     step = streamed.diff(dim=-1).abs()
-    for boundary in [start - starts[0] for start in starts[1:]]:
-        around = step[..., max(0, boundary - second // 2):boundary + second // 2]
+    for boundary in [start - starts[0] for start in starts[1:]]:  # step[b - 1] crosses the seam at b
+        around = torch.cat([step[..., max(0, boundary - second // 2):boundary - 1],
+                            step[..., boundary:boundary + second // 2]], dim=-1)
         assert (step[..., boundary - 1] <= around.amax(dim=-1)).all(), f"seam at sample {boundary}"
+    # and the level's own seams: the gain (read back through tanh) continues across every boundary
+    gain_db = 20 * torch.log10((torch.atanh(streamed.double()) / run.wav[0, :, starts[0]:].double()).abs())
+    clear = (streamed.abs() < 0.999) & (run.wav[0, :, starts[0]:].abs() > 1e-3)
+    for boundary in [start - starts[0] for start in starts[1:]]:
+        before, after = slice(boundary - hop, boundary), slice(boundary, boundary + hop)
+        jump = gain_db[..., after][clear[..., after]].median() - gain_db[..., before][clear[..., before]].median()
+        assert abs(jump) < 0.1, f"the level jumps by {jump:.2f} dB at sample {boundary}"
 
 
 def test_stream_is_the_generation_heard_early():
