@@ -13,5 +13,6 @@ setup(
     entry_points={"console_scripts": ["musicgen-generate=generate_music:main"]},
     python_requires=">=3.11",
     # The exact, complete set is pinned in requirements.txt (installed with --no-deps).
-    install_requires=["audiocraft==1.3.0", "flask>=3", "gunicorn>=23", "pydantic>=2.6", "soundfile", "torch>=2.6"],
+    install_requires=["audiocraft==1.3.0", "flask>=3", "flask-cors>=6", "gunicorn>=23", "pydantic>=2.6", "soundfile",
+                      "torch>=2.6"],
 )

@@ -30,13 +30,14 @@ def create_app(settings: tp.Optional[Settings] = None,
     if load_model is None:
         from .model import MusicModel
         load_model = functools.partial(MusicModel.from_settings, settings)
-    service = GenerationService(load_model, settings.normalize, settings.idle_unload_seconds)
-    from . import api, auth, metrics, web
+    service = GenerationService(load_model, settings.normalize, settings.idle_unload_seconds, settings.cpu_threads)
+    from . import api, auth, cors, metrics, web
     metrics.install(app, service)  # before start: the worker reports every job to it
     app.extensions["musicgen"] = service.start()
 
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
+    cors.install(app, settings.allowed_origins)  # before auth: a preflight is answered before any token check
     auth.install(app, settings.auth_token)
     register_error_handlers(app)
     return app

@@ -6,9 +6,10 @@ import typing as tp
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import sse
+from . import audio_input, sse
 from .config import Settings
 from .generation import GenerationService, Job
+from .params import FORMATS, AudioClip
 from .validation import parse_request
 
 bp = Blueprint("api", __name__)
@@ -24,8 +25,15 @@ def _settings() -> Settings:
 
 @bp.post("/api/v1/generate_music")
 def generate_music() -> Response:
-    params = parse_request(request.get_data(cache=False))  # 400 / 413 before anything else
-    job = _service().submit(params)  # 503 at once when busy
+    service = _service()
+
+    def read_audio(field: str, text: str) -> AudioClip:
+        service.check_available()  # a busy server answers 503 at once, without decoding the file first
+        return audio_input.read(field, text)
+
+    # 400 / 413 before anything else; the audio fields are decoded here too, on this request's thread.
+    params = parse_request(request.get_data(cache=False), read_audio)
+    job = service.submit(params)  # 503 at once when busy
     # Nothing may fail between taking the slot and returning the response: closing the response
     # (end of stream, or the client went away) is what cancels the job, even if it never started.
     response = Response(stream(job, _settings().keepalive_seconds),
@@ -66,4 +74,5 @@ def health() -> Response:
         channels=model.channels if model else None,
         error=service.load_error,
         uptime_seconds=round(time.time() - service.started_at, 1),
+        features={"melody": bool(model and model.melody), "audio_prompt": True, "formats": list(FORMATS)},
     )

@@ -20,7 +20,8 @@ def install(app: Flask, token: str) -> None:
 
     @app.before_request
     def _require_token() -> None:
-        if request.endpoint not in PROTECTED_ENDPOINTS:
+        # A CORS preflight (OPTIONS) never carries the token and never reaches the view: it must get its 204.
+        if request.endpoint not in PROTECTED_ENDPOINTS or request.method == "OPTIONS":
             return
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # compare_digest: the time taken says nothing about how much of the token was right.

@@ -7,10 +7,13 @@ typo fails the start-up with a message instead of the first request. gunicorn's 
 
 import dataclasses
 import os
+import re
 import typing as tp
 
 NORMALIZATIONS = ("loudness", "peak", "rms", "clip")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "int8-dynamic")
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#*\s]+", re.IGNORECASE)  # what a browser sends in `Origin`
+DECODER_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -20,7 +23,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # MUSICGEN_MODEL: a Hugging Face id (facebook/musicgen-small, facebook/musicgen-stereo-medium, ...),
-    # a local directory holding state_dict.bin + compression_state_dict.bin, or `debug` (tiny random weights).
+    # a local directory holding state_dict.bin + compression_state_dict.bin, or a tiny random-weight model:
+    # debug, debug-stereo, debug-melody, debug-stereo-melody, debug-small (app/debug_models.py).
     model: str = "facebook/musicgen-small"
     # MUSICGEN_DEVICE: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
@@ -34,7 +38,8 @@ class Settings:
     # A vanished client is noticed at the second write after it left, so detection takes at most 2x this.
     keepalive_seconds: float = 0.5
     # MUSICGEN_MAX_BODY_BYTES: larger request bodies get 413 (keep nginx's client_max_body_size equal).
-    max_body_bytes: int = 64 * 1024
+    # 16 MiB holds a melody and a prompt as audio files in base64 (60 s of 48 kHz stereo 16-bit WAV alone).
+    max_body_bytes: int = 16 * 1024 * 1024
     # MUSICGEN_NORMALIZE: loudness (audiocraft's demo: -16 dB LUFS target with soft clipping),
     # peak, rms, or clip (the model's raw output, hard-limited to [-1, 1]).
     normalize: str = "loudness"
@@ -49,8 +54,9 @@ class Settings:
     # MUSICGEN_AUTH_TOKEN: when set, POST /api/v1/generate_music needs `Authorization: Bearer <token>` and
     # answers 401 otherwise. Empty: no authentication, as the original clients expect.
     auth_token: str = dataclasses.field(default="", repr=False)  # kept out of logs
-    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (bf16 where the CPU has native bf16, else fp32),
-    # fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py). CUDA keeps audiocraft's fp16.
+    # MUSICGEN_PRECISION: the LM's precision on CPU: auto (int8-dynamic where the CPU has VNNI, else bf16 where
+    # it has native bf16, else fp32), fp32 (stock), bf16, bf16-autocast or int8-dynamic (app/precision.py).
+    # CUDA keeps audiocraft's fp16.
     precision: str = "auto"
     # MUSICGEN_CROSS_KV_CACHE: project the text conditioning to cross-attention keys/values once per
     # generation instead of at every step of every layer (same tokens as stock; 0 restores stock). CPU only.
@@ -61,6 +67,19 @@ class Settings:
     # MUSICGEN_PACKED_WEIGHTS: reorder the LM's weights once into oneDNN's packed layout, which a decoding step
     # reads about twice as fast (logits within float rounding of stock; the LM can then only generate). CPU only.
     packed_weights: bool = True
+    # MUSICGEN_CORS_ORIGINS: the origins (scheme://host[:port]) whose web pages may call the API from a browser,
+    # separated by commas or spaces; `*` (default): any origin, without credentials. Others get no CORS headers.
+    cors_origins: str = "*"
+    # MUSICGEN_CPU_THREADS: torch's CPU threads for a generation, set on the generation thread (app/threads.py).
+    # 0: every core this process may use (its CPU affinity).
+    cpu_threads: int = 0
+    # MUSICGEN_DECODER_PRECISION: the EnCodec decoder's precision on CPU: auto (bf16 where the CPU has native bf16,
+    # else fp32), fp32 or bf16 (app/codec.py). CUDA keeps fp32.
+    decoder_precision: str = "auto"
+    # MUSICGEN_CUDA_GRAPH: on CUDA, decode over fixed buffers (static self-attention cache, cross-attention
+    # keys/values once per generation, fp16 matrix weights) and replay each decoding step, sampling included,
+    # as one CUDA graph (app/cuda_graph.py). Opt-in until a GPU run of scripts/gpu_check has checked it.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -77,8 +96,14 @@ class Settings:
             raise ConfigError("MUSICGEN_IDLE_UNLOAD_SECONDS must be 0 (never) or more")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"MUSICGEN_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.decoder_precision not in DECODER_PRECISIONS:
+            raise ConfigError(f"MUSICGEN_DECODER_PRECISION={self.decoder_precision!r}: use one of "
+                              f"{', '.join(DECODER_PRECISIONS)}")
+        if self.cpu_threads < 0:
+            raise ConfigError("MUSICGEN_CPU_THREADS must be 0 (every core this process may use) or more")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"MUSICGEN_LOG_LEVEL={self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+        _check_origins(self.allowed_origins)
 
     @property
     def mbd_source(self) -> str:
@@ -86,6 +111,11 @@ class Settings:
         if self.mbd_model:
             return self.mbd_model
         return "debug" if self.model.startswith("debug") else "facebook/multiband-diffusion"
+
+    @property
+    def allowed_origins(self) -> tp.Tuple[str, ...]:
+        """MUSICGEN_CORS_ORIGINS as a tuple: ("*",) or the listed origins."""
+        return tuple(self.cors_origins.replace(",", " ").split())
 
     @classmethod
     def from_env(cls, environ: tp.Mapping[str, str] = os.environ) -> "Settings":
@@ -113,3 +143,13 @@ def _convert(name: str, kind: tp.Any, raw: str) -> tp.Any:
     except ValueError:
         raise ConfigError(f"{variable}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
     return raw
+
+
+def _check_origins(origins: tp.Tuple[str, ...]) -> None:
+    if not origins:
+        raise ConfigError("MUSICGEN_CORS_ORIGINS is empty: use * or a list of origins")
+    if origins != ("*",):
+        for origin in origins:
+            if not ORIGIN.fullmatch(origin):
+                raise ConfigError(f"MUSICGEN_CORS_ORIGINS: {origin!r} is not an origin: use scheme://host[:port] "
+                                  "(no path, no trailing slash), or * alone for any origin")

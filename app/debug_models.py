@@ -7,9 +7,16 @@ very code path that loads facebook/musicgen-* and facebook/multiband-diffusion.
 
 audiocraft's own `get_pretrained('debug')` tokenizes with spaCy's `en_core_web_sm`, which cannot be
 installed offline; the LUT conditioner here uses the `noop` tokenizer (one hashed token per prompt).
+
+The melody models (`debug-melody`, `debug-stereo-melody`) condition on a chromagram like facebook/musicgen-melody:
+audiocraft's `ChromaStemConditioner` loads demucs' `htdemucs` through torch.hub when it is built, so these
+models are built with a tiny HTDemucs, in demucs' own package format under the real file name, in a torch.hub
+directory of their own (never the user's `$TORCH_HOME`).
 """
 
+import contextlib
 import os
+import tempfile
 import typing as tp
 
 import omegaconf
@@ -29,6 +36,17 @@ MBD_BANDS = 4
 # on a cheap EnCodec with the real one's 50 Hz frame rate and codebook size. For benchmarks, not for tests.
 SMALL_LM = {"dim": 1024, "num_heads": 16, "num_layers": 24, "card": 2048, "memory_efficient": True}
 SMALL_CODEC = {"bins": 2048, "ratios": [8, 5, 4, 4]}
+# The built-in tiny models, by MUSICGEN_MODEL name.
+MODELS: tp.Dict[str, tp.Dict[str, bool]] = {
+    "debug": {}, "debug-stereo": {"stereo": True}, "debug-small": {"small": True},
+    "debug-melody": {"melody": True}, "debug-stereo-melody": {"stereo": True, "melody": True},
+}
+# torch.hub's file for demucs' `htdemucs` (demucs 4.0.1, demucs/remote/files.txt): what ChromaStemConditioner loads.
+HTDEMUCS_FILE = "955717e8-8726e21a.th"
+HTDEMUCS_SOURCES = ["drums", "bass", "other", "vocals"]
+# audiocraft's chroma2music conditioner config (config/conditioner/chroma2music.yaml in its repository).
+CHROMA_STEM = {"sample_rate": SAMPLE_RATE, "n_chroma": 12, "radix2_exp": 14, "argmax": True,
+               "match_len_on_eval": False, "eval_wavs": None, "n_eval_wavs": 100, "cache_path": None}
 
 
 def compression_config(device: str = "cpu", bins: int = 400, ratios: tp.Sequence[int] = (10, 8, 16),
@@ -49,9 +67,17 @@ def compression_config(device: str = "cpu", bins: int = 400, ratios: tp.Sequence
 
 
 def lm_config(stereo: bool = False, device: str = "cpu", dim: int = 16, num_heads: int = 4,
-              num_layers: int = 2, card: int = 400, memory_efficient: bool = False) -> tp.Dict[str, tp.Any]:
-    """audiocraft's debug LM as a training config; `stereo` interleaves two EnCodec streams (8 codebooks)."""
+              num_layers: int = 2, card: int = 400, memory_efficient: bool = False,
+              melody: bool = False) -> tp.Dict[str, tp.Any]:
+    """audiocraft's debug LM as a training config; `stereo` interleaves two EnCodec streams (8 codebooks);
+    `melody` adds the chromagram conditioner and, like musicgen-melody, prepends both conditions to the input."""
     n_q = 8 if stereo else 4
+    conditioners: tp.Dict[str, tp.Any] = {
+        "description": {"model": "lut", "lut": {"n_bins": 128, "dim": dim, "tokenizer": "noop"}}}
+    fuser = {"sum": [], "prepend": [], "cross": ["description"], "input_interpolate": []}
+    if melody:
+        conditioners["self_wav"] = {"model": "chroma_stem", "chroma_stem": dict(CHROMA_STEM)}
+        fuser.update(prepend=["self_wav", "description"], cross=[])
     return {
         "device": device, "dtype": "float32", "lm_model": "transformer_lm",
         "dataset": {"segment_duration": SEGMENT_SECONDS},
@@ -61,10 +87,8 @@ def lm_config(stereo: bool = False, device: str = "cpu", dim: int = 16, num_head
                            "num_layers": num_layers, "hidden_scale": 4, "custom": True, "causal": True,
                            "memory_efficient": memory_efficient,
                            "norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False},
-        "conditioners": {"description": {"model": "lut", "lut": {"n_bins": 128, "dim": dim,
-                                                                 "tokenizer": "noop"}}},
-        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1,
-                  "sum": [], "prepend": [], "cross": ["description"], "input_interpolate": []},
+        "conditioners": conditioners,
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, **fuser},
         "classifier_free_guidance": {"training_dropout": 0.0, "inference_coef": 3.0},
         "attribute_dropout": {},
         "interleave_stereo_codebooks": {"use": stereo, "per_timestep": False},
@@ -97,23 +121,57 @@ def build_compression_model(device: str = "cpu", **codec: tp.Any) -> torch.nn.Mo
     return model.eval()
 
 
-def build_lm(stereo: bool = False, device: str = "cpu", **sizes: tp.Any) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
+def build_lm(stereo: bool = False, device: str = "cpu", melody: bool = False, **sizes: tp.Any) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]), (tiny_htdemucs_hub() if melody else contextlib.nullcontext()):
         torch.manual_seed(2)
-        cfg = omegaconf.OmegaConf.create(lm_config(stereo, device, **sizes))
+        cfg = omegaconf.OmegaConf.create(lm_config(stereo, device, melody=melody, **sizes))
         lm = builders.get_lm_model(cfg)
     lm.cfg = cfg  # what audiocraft's loader attaches: MusicGen reads max duration and stereo wrapping from it
     return lm.eval()
 
 
-def build_musicgen(stereo: bool = False, device: str = "cpu", small: bool = False) -> MusicGen:
-    """The tiny text-to-music model (mono, or stereo through audiocraft's interleaving wrapper), or with
-    `small` the musicgen-small-sized one (mono)."""
-    if small:
-        return MusicGen("debug-small", build_compression_model(device, **SMALL_CODEC),
-                        build_lm(False, device, **SMALL_LM))
-    name = "debug-stereo" if stereo else "debug"
-    return MusicGen(name, build_compression_model(device), build_lm(stereo, device))
+def build_musicgen(name: str = "debug", device: str = "cpu") -> MusicGen:
+    """One of the built-in tiny models (`MODELS`): mono, stereo through audiocraft's interleaving wrapper,
+    melody-conditioned, or the musicgen-small-sized `debug-small` (mono)."""
+    kind = MODELS[name]
+    if kind.get("small"):
+        return MusicGen(name, build_compression_model(device, **SMALL_CODEC), build_lm(False, device, **SMALL_LM))
+    return MusicGen(name, build_compression_model(device),
+                    build_lm(kind.get("stereo", False), device, melody=kind.get("melody", False)))
+
+
+def htdemucs_package() -> tp.Dict[str, tp.Any]:
+    """A tiny HTDemucs (28 k parameters instead of 42 M) serialized as demucs serializes its released models."""
+    from demucs.htdemucs import HTDemucs
+    from demucs.states import serialize_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        # depth 4 as the real model: shallower ones attend over sequences 16x longer and run minutes, not seconds.
+        model = HTDemucs(HTDEMUCS_SOURCES, channels=2, depth=4, t_layers=1, t_heads=1, dconv_comp=2, segment=2)
+    return serialize_model(model, omegaconf.OmegaConf.create({}), half=False)
+
+
+def save_htdemucs(hub_dir: str) -> str:
+    """Write the tiny HTDemucs where torch.hub looks for the real one (`<hub_dir>/checkpoints/<file>`)."""
+    path = os.path.join(hub_dir, "checkpoints", HTDEMUCS_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(htdemucs_package(), path)
+    return path
+
+
+@contextlib.contextmanager
+def tiny_htdemucs_hub() -> tp.Iterator[str]:
+    """torch.hub pointed, for the duration, at a temporary directory holding the tiny HTDemucs; torch.hub
+    loads a file it finds there without checking its hash (it checks only what it downloads)."""
+    previous = torch.hub._hub_dir  # None: follow $TORCH_HOME; restored exactly afterwards
+    with tempfile.TemporaryDirectory(prefix="musicgen-htdemucs-") as hub:
+        save_htdemucs(hub)
+        torch.hub.set_dir(hub)
+        try:
+            yield hub
+        finally:
+            torch.hub._hub_dir = previous
 
 
 def mbd_package(device: str = "cpu") -> tp.Dict[tp.Any, tp.Any]:

@@ -1,9 +1,9 @@
 """The one mapping of exceptions to HTTP answers.
 
 The exceptions live where they are raised and know nothing of HTTP: the request's (`app/validation.py`,
-`app/auth.py`) and the domain's (`app/generation.py`). Every answer that is not a stream has the API's
-error shape `{"event": "error", "message": ...}`, also Flask's own 404/405/413, so a client (or nginx
-retrying on another backend) sees one format.
+`app/auth.py`, `app/audio_input.py`) and the domain's (`app/generation.py`, `app/params.py`). Every answer
+that is not a stream has the API's error shape `{"event": "error", "message": ...}`, also Flask's own
+404/405/413, so a client (or nginx retrying on another backend) sees one format.
 """
 
 import logging
@@ -12,14 +12,18 @@ import typing as tp
 from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
+from .audio_input import AudioInputError
 from .auth import Unauthorized
 from .generation import Busy, ModelUnavailable
+from .params import UnsupportedRequest
 from .validation import InvalidRequest
 
 log = logging.getLogger(__name__)
 
 STATUSES: tp.Dict[tp.Type[Exception], int] = {
     InvalidRequest: 400,
+    AudioInputError: 400,  # an audio field that is not base64, not audio, or out of its limits
+    UnsupportedRequest: 400,  # what the loaded model or the clip cannot do (a melody to a non-melody model)
     Unauthorized: 401,
     Busy: 503,  # with Retry-After: this server will take requests again
     ModelUnavailable: 503,  # without: waiting will not help this one (nginx tries another backend either way)

@@ -18,9 +18,10 @@ import typing as tp
 
 import torch
 
-from .audio import to_wav
+from . import threads
+from .audio import encode
 from .model import ModelLoadError
-from .params import MAX_SEED, GenerationParams
+from .params import MAX_SEED, AudioClip, GenerationParams, UnsupportedRequest
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SHARES = {"lm": 0.97, "decode": 0.03}
 SHARES_MBD = {"lm": 0.70, "decode": 0.02, "diffusion": 0.28}
 MIN_PROGRESS_INTERVAL = 0.05  # seconds: at most ~20 progress events a second
+BUSY = "another generation is running; try again later"
 
 
 class Busy(Exception):
@@ -50,9 +52,11 @@ class Model(tp.Protocol):
     device: str
     sample_rate: int
     channels: int
+    melody: bool  # the model follows a melody
 
+    def check(self, params: GenerationParams) -> None: ...
     def ensure_mbd(self) -> tp.Any: ...
-    def lm_steps(self, duration: float) -> int: ...
+    def lm_steps(self, duration: float, prompt: tp.Optional[AudioClip] = None) -> int: ...
     def diffusion_steps(self) -> int: ...
     def generate(self, params: GenerationParams, seed: int, on_step: tp.Callable[[str], None]) -> torch.Tensor: ...
 
@@ -137,8 +141,9 @@ class GenerationService:
     """One generation at a time, on one long-lived thread that also loads the model."""
 
     def __init__(self, load_model: tp.Callable[[], Model], normalize: str = "loudness",
-                 idle_unload_seconds: float = 0.0):
+                 idle_unload_seconds: float = 0.0, cpu_threads: tp.Optional[int] = None):
         self._load_model = load_model
+        self._cpu_threads = cpu_threads  # MUSICGEN_CPU_THREADS, set on the generation thread; None: torch's own
         self._normalize = normalize
         self._idle_unload = idle_unload_seconds
         self._unloaded = False  # the model was unloaded for idleness; the next job loads it again
@@ -166,17 +171,31 @@ class GenerationService:
         return "ready" if self.model is not None or self._unloaded else "loading"
 
     def submit(self, params: GenerationParams) -> Job:
-        """Take the slot and queue the job, or raise at once: nothing waits for the lock."""
-        if self.load_error is not None:
-            raise ModelUnavailable(f"the model failed to load: {self.load_error}")
-        if self._stopping:
-            raise Busy("the server is shutting down; try again later")
+        """Take the slot and queue the job, or raise at once: nothing waits for the lock.
+
+        What the loaded model cannot do (`UnsupportedRequest`) is refused here, before the slot is taken;
+        while the model loads, the worker checks it and ends the stream with an error event instead.
+        """
+        self.check_available()
+        model = self.model
+        if model is not None:
+            model.check(params)
         if not self._lock.acquire(blocking=False):
-            raise Busy("another generation is running; try again later")
+            raise Busy(BUSY)
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
         job = self.current = Job(params, seed, self._lock.release)
         self._jobs.put(job)
         return job
+
+    def check_available(self) -> None:
+        """Raise what `submit` would refuse a job with now, without taking the slot: the edge asks before work
+        that a busy server would waste (decoding audio inputs)."""
+        if self.load_error is not None:
+            raise ModelUnavailable(f"the model failed to load: {self.load_error}")
+        if self._stopping:
+            raise Busy("the server is shutting down; try again later")
+        if self._lock.locked():
+            raise Busy(BUSY)
 
     def shutdown(self, grace_seconds: float) -> None:
         """SIGTERM (scripts/gunicorn.conf.py): refuse new jobs, and end a job that has not finished shortly
@@ -198,6 +217,8 @@ class GenerationService:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        if self._cpu_threads is not None:  # torch's thread count belongs to the thread that sets it: this one
+            threads.apply(self._cpu_threads)
         try:
             self.model = self._load_model()
         except Exception as e:
@@ -243,15 +264,17 @@ class GenerationService:
             # The GPU is done: free the slot before the terminal event, so a client that asks again
             # the instant it reads `completed` is never refused.
             job.finish()
-            audio = to_wav(wav, self.model.sample_rate, self._normalize)
-            terminal = {"event": "completed", **self._describe(job), "audio": base64.b64encode(audio).decode()}
+            params = job.params
+            audio = encode(wav, self.model.sample_rate, params.output_format, self._normalization(params))
+            extra = {"format": params.output_format} if params.uses_audio_features else {}
+            terminal = {"event": "completed", **self._describe(job), **extra, "audio": base64.b64encode(audio).decode()}
             outcome = "completed"
         except Cancelled as e:
             log.info("generation cancelled: %s", e)
             terminal = {"event": "error", "message": f"generation cancelled: {e}"}
             outcome = "cancelled"
-        except (ModelUnavailable, ModelLoadError) as e:  # no model, or MBD could not be loaded
-            terminal = {"event": "error", "message": str(e)}
+        except (ModelUnavailable, ModelLoadError, UnsupportedRequest) as e:  # no model, MBD not loaded, or the
+            terminal = {"event": "error", "message": str(e)}  # model (loaded after the request came) can't do it
         except torch.cuda.OutOfMemoryError:
             log.warning("out of GPU memory", exc_info=True)
             terminal = {"event": "error", "message": "out of GPU memory; try a shorter duration"}
@@ -273,14 +296,16 @@ class GenerationService:
             self.model, self._unloaded = self._load_model(), False
         if self.model is None:
             raise ModelUnavailable(f"the model failed to load: {self.load_error}")
+        self.model.check(job.params)  # again: the model may have loaded after `submit`
         if job.params.mbd and not job.cancelled.is_set():
             self.model.ensure_mbd()
 
     def _generate(self, job: Job) -> torch.Tensor:
         assert self.model is not None
         model, params = self.model, job.params
-        job.events.put({"event": "start", "model": model.name, **self._describe(job), "mbd": params.mbd})
-        totals = {"lm": model.lm_steps(params.duration), "decode": 1}
+        job.events.put({"event": "start", "model": model.name, **self._describe(job), "mbd": params.mbd,
+                        **self._inputs(params)})
+        totals = {"lm": model.lm_steps(params.duration, params.audio_prompt), "decode": 1}
         if params.mbd:
             totals["diffusion"] = model.diffusion_steps()
         progress = Progress(totals, SHARES_MBD if params.mbd else SHARES)
@@ -297,6 +322,17 @@ class GenerationService:
         job.lm_steps, job.seconds = totals["lm"], time.monotonic() - started
         log.info("generated %d s (mbd=%s, seed=%d) in %.1f s", params.duration, params.mbd, job.seed, job.seconds)
         return wav
+
+    def _normalization(self, params: GenerationParams) -> str:
+        return params.normalization or self._normalize
+
+    def _inputs(self, params: GenerationParams) -> tp.Dict[str, tp.Any]:
+        """What `start` says of the version 1.1 fields; nothing for a request without them (as in 1.0)."""
+        if not params.uses_audio_features:
+            return {}
+        clips = {"melody": params.melody, "audio_prompt": params.audio_prompt}
+        return {"format": params.output_format, "normalization": self._normalization(params),
+                **{name: None if clip is None else {"seconds": round(clip.seconds, 3)} for name, clip in clips.items()}}
 
     def _describe(self, job: Job) -> tp.Dict[str, tp.Any]:
         assert self.model is not None

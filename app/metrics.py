@@ -48,7 +48,8 @@ class Metrics:
 
     def refused(self, response: Response) -> Response:
         """after_request: count generation requests answered before any stream (the 200s count when done)."""
-        if request.endpoint == GENERATE_ENDPOINT and response.status_code != 200:
+        # POST only: a CORS preflight (OPTIONS) to the same endpoint is not a generation request.
+        if request.endpoint == GENERATE_ENDPOINT and request.method == "POST" and response.status_code != 200:
             status = response.status_code
             if status == 401:
                 outcome = "unauthorized"

@@ -7,22 +7,27 @@ local directory, or are the tiny `debug` models. Everything here runs on the gen
 import collections
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import typing as tp
 
 import omegaconf
 import torch
+from audiocraft.data.audio_utils import convert_audio
 from audiocraft.models import MusicGen
 from audiocraft.models.encodec import InterleaveStereoCompressionModel
 from audiocraft.models.loaders import load_diffusion_models
 from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
+from audiocraft.modules.conditioners import ChromaStemConditioner
 from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
+from . import codec as decoder_codec
+from . import cuda_graph as graph_decoding
 from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
-from .params import GenerationParams
+from .params import MIN_CONTINUATION_SECONDS, AudioClip, GenerationParams, UnsupportedRequest
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +60,9 @@ def resolve_device(setting: str) -> str:
 
 
 def load_musicgen(name: str, device: str) -> MusicGen:
-    """MusicGen from a Hugging Face id, a local checkpoint directory, or `debug`/`debug-stereo`/`debug-small`."""
-    if name in ("debug", "debug-stereo", "debug-small"):
-        return debug_models.build_musicgen(stereo=name == "debug-stereo", device=device, small=name == "debug-small")
+    """MusicGen from a Hugging Face id, a local checkpoint directory, or a built-in tiny model (`debug*`)."""
+    if name in debug_models.MODELS:
+        return debug_models.build_musicgen(name, device)
     try:
         return MusicGen.get_pretrained(name, device=device)
     except Exception as e:
@@ -110,9 +115,9 @@ class MusicModel:
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
              cross_kv_cache: bool = False, static_kv_cache: bool = False,
-             packed_weights: bool = False) -> "MusicModel":
-        """Load the models; the defaults of the last four (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS)
-        are stock audiocraft."""
+             packed_weights: bool = False, decoder_precision: str = "fp32", cuda_graph: bool = False) -> "MusicModel":
+        """Load the models; the defaults of the last six (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS,
+        MUSICGEN_DECODER_PRECISION, MUSICGEN_CUDA_GRAPH) are stock audiocraft."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device), mbd_source)
@@ -122,8 +127,17 @@ class MusicModel:
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
             cross_kv_cache = static_kv_cache = packed_weights = False
-        log.info("LM precision %s, decoding speed-ups %s", lm_precision.apply(lm, precision, device),
-                 fast_lm.install(lm, cross_kv_cache, static_kv_cache, packed_weights))
+        resolved = lm_precision.apply(lm, precision, device)
+        log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
+            lm, cross_kv_cache, static_kv_cache, packed_weights, int8_weights=resolved == "int8-dynamic"))
+        log.info("EnCodec decoder precision %s",
+                 decoder_codec.apply(model.musicgen.compression_model, decoder_precision, device))
+        if cuda_graph and device.startswith("cuda"):
+            mg = model.musicgen  # buffers for the longest window audiocraft generates at once
+            capacity = lm.pattern_provider.get_pattern(int(mg.max_duration * mg.frame_rate)).num_sequence_steps
+            log.info("CUDA graph decoding %s", graph_decoding.install(lm, capacity))
+        elif cuda_graph:
+            log.info("MUSICGEN_CUDA_GRAPH applies to CUDA only: off on %s", device)
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
@@ -134,11 +148,18 @@ class MusicModel:
         """The model as the service runs it (the server, and the benchmark's bare runs)."""
         return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
                         precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
-                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights)
+                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights,
+                        decoder_precision=settings.decoder_precision, cuda_graph=settings.cuda_graph)
 
     @property
     def stereo(self) -> bool:
         return isinstance(self.musicgen.compression_model, InterleaveStereoCompressionModel)
+
+    @property
+    def melody(self) -> bool:
+        """Whether the model conditions on a melody's chromagram (musicgen-melody and its kin)."""
+        conditioners = self.musicgen.lm.condition_provider.conditioners.values()
+        return any(isinstance(conditioner, ChromaStemConditioner) for conditioner in conditioners)
 
     def ensure_mbd(self) -> MultiBandDiffusion:
         if self.mbd is None:
@@ -149,27 +170,48 @@ class MusicModel:
             self.mbd = load_mbd(self.mbd_source, codec, self.device)
         return self.mbd
 
-    def lm_steps(self, duration: float) -> int:
+    def check(self, params: GenerationParams) -> None:
+        """Raise `UnsupportedRequest` for what this model cannot do: a melody without a melody model, or an
+        audio prompt that leaves the first window less than a second to continue it."""
+        if params.melody is not None and not self.melody:
+            raise UnsupportedRequest(
+                f"melody: the loaded model ({self.name}) does not take a melody; melody models are "
+                "facebook/musicgen-melody, -melody-large and -stereo-melody(-large) (GET /health: features.melody)")
+        longest = self.musicgen.max_duration - MIN_CONTINUATION_SECONDS
+        if params.audio_prompt is not None and params.audio_prompt.seconds > longest:
+            raise UnsupportedRequest(
+                f"audio_prompt: {params.audio_prompt.seconds:.2f} s long, at most {longest:g} s (the model's "
+                f"{self.musicgen.max_duration:g} s window less {MIN_CONTINUATION_SECONDS:g} s to continue it)")
+
+    def lm_steps(self, duration: float, prompt: tp.Optional[AudioClip] = None) -> int:
         """How many times the LM's progress callback will fire for `duration` seconds of audio.
 
         Mirrors audiocraft's windowing past `max_duration` (each window re-reads the last
-        `max_duration - extend_stride` seconds as its prompt) and its codebook-pattern delays.
+        `max_duration - extend_stride` seconds as its prompt) and its codebook-pattern delays. An audio
+        `prompt` is the first window's prompt, as many frames as EnCodec makes of it: those steps are skipped.
         """
         mg = self.musicgen
         total, stride = int(duration * mg.frame_rate), int(mg.extend_stride * mg.frame_rate)
         windows: tp.List[tp.Tuple[int, int]] = []  # (prompt length, generated length), in frames
-        offset, prompt = 0, 0
-        while offset + prompt < total:
+        offset, prompt_frames = 0, self._frames(prompt)
+        while offset + prompt_frames < total:
             length = int(min(duration - offset / mg.frame_rate, mg.max_duration) * mg.frame_rate)
-            windows.append((prompt, length))
+            windows.append((prompt_frames, length))
             if duration <= mg.max_duration:
                 break
-            prompt, offset = length - stride, offset + stride
+            prompt_frames, offset = length - stride, offset + stride
         steps = 0
         for prompt, length in windows:
             pattern = mg.lm.pattern_provider.get_pattern(length)
             steps += len(pattern.layout) - pattern.get_first_step_with_timesteps(prompt)
         return steps
+
+    def _frames(self, clip: tp.Optional[AudioClip]) -> int:
+        """EnCodec frames of a clip: it pads the last one to a whole frame."""
+        if clip is None:
+            return 0
+        samples = round(clip.seconds * self.sample_rate)
+        return math.ceil(samples * self.musicgen.frame_rate / self.sample_rate)
 
     def diffusion_steps(self) -> int:
         bands = len(self.mbd.DPs) if self.mbd is not None else debug_models.MBD_BANDS
@@ -188,11 +230,34 @@ class MusicModel:
         mg.set_custom_progress_callback(lambda done, total: on_step("lm"))
         torch.manual_seed(seed)  # seeds CUDA too; MBD's noise is drawn from the same generators
         with torch.inference_mode():
-            wav, tokens = mg.generate([params.description], progress=True, return_tokens=True)
+            wav, tokens = self._generate(params)
             on_step("decode")
             if params.mbd:
                 wav = self._decode_mbd(tokens, on_step)
         return wav[0].float().cpu()
+
+    def _generate(self, params: GenerationParams) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Text, text + melody, text + prompt to continue, or all three: (waveforms, tokens) of a batch of one.
+
+        Each goes through audiocraft's own path, past the 30 s window too (it slices the melody per window
+        and carries the prompt into the first). No public method takes a melody and a prompt together; the
+        steps both of them take (`_prepare_tokens_and_attributes` accepts both, then `_generate_tokens`) do.
+        """
+        mg, text, rate = self.musicgen, [params.description], self.sample_rate
+        melody, prompt = params.melody, params.audio_prompt
+        if melody is None and prompt is None:
+            return mg.generate(text, progress=True, return_tokens=True)
+        if prompt is None:
+            return mg.generate_with_chroma(text, melody.wav[None], melody.sample_rate, progress=True,
+                                           return_tokens=True)
+        if melody is None:
+            return mg.generate_continuation(prompt.wav[None], prompt.sample_rate, text, progress=True,
+                                            return_tokens=True)
+        melody_wavs = [convert_audio(melody.wav, melody.sample_rate, rate, self.channels)]
+        prompt_wav = convert_audio(prompt.wav[None], prompt.sample_rate, rate, self.channels)
+        attributes, prompt_tokens = mg._prepare_tokens_and_attributes(text, prompt_wav, melody_wavs=melody_wavs)
+        tokens = mg._generate_tokens(attributes, prompt_tokens, progress=True)
+        return mg.generate_audio(tokens), tokens
 
     def _decode_mbd(self, tokens: torch.Tensor, on_step: Step) -> torch.Tensor:
         mbd = self.ensure_mbd()

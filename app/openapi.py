@@ -10,6 +10,7 @@ import functools
 import importlib.metadata
 import typing as tp
 
+from .params import FORMATS
 from .validation import GenerateParams
 
 REF = "#/components/schemas/{model}"
@@ -37,16 +38,28 @@ _DESCRIBED = {
     "duration": {"type": "integer", "description": "Requested length in seconds."},
     "seed": {"type": "integer", "description": "The seed used; send it back to get the same audio."},
 }
+_FORMAT = {"enum": list(FORMATS), "description": "The format of `completed.audio` (only when the request used a "
+                                                  "version 1.1 field)."}
+_CLIP = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["seconds"], "properties": {
+    "seconds": {"type": "number", "description": "Decoded length of the audio input."}}}]}
+_INPUTS = {  # only when the request used a version 1.1 field: what the job runs with
+    "format": _FORMAT,
+    "normalization": {"enum": ["loudness", "peak", "rms", "clip"], "description": "As resolved (the server's "
+                                                                                   "when the request had none)."},
+    "melody": {**_CLIP, "description": "null, or the melody's decoded length."},
+    "audio_prompt": {**_CLIP, "description": "null, or the decoded length of the audio the clip continues."},
+}
 
 EVENTS = {
     "StartEvent": _event("start", "Sent at once when the generation is accepted.", {
-        "model": {"type": "string"}, **_DESCRIBED, "mbd": {"type": "boolean"}}),
+        "model": {"type": "string"}, **_DESCRIBED, "mbd": {"type": "boolean"}, **_INPUTS}),
     "ProgressEvent": _event("progress", "Share of the whole job done; never goes backwards.", {
         "progress": {"type": "number", "minimum": 0, "maximum": 100}}, ["progress"]),
     "CompletedEvent": _event("completed", "Terminal: the audio.", {
-        "audio": {"type": "string", "contentEncoding": "base64", "contentMediaType": "audio/wav",
-                  "description": "The clip as a base64 WAV file: 32000 Hz, 16-bit signed PCM."},
-        **_DESCRIBED}, ["audio"]),
+        "audio": {"type": "string", "contentEncoding": "base64",
+                  "description": "The clip as a base64 audio file at 32000 Hz: WAV (16-bit signed PCM) unless the "
+                                 "request asked for another `format` (flac, mp3, ogg)."},
+        **_DESCRIBED, "format": _FORMAT}, ["audio"]),
     "ErrorEvent": _event("error", "Terminal: the generation failed or was cancelled; the server serves the "
                                   "next request.", {"message": {"type": "string"}}, ["message"]),
 }
@@ -64,6 +77,41 @@ def _error(description: str, headers: tp.Optional[tp.Dict[str, tp.Any]] = None) 
     if headers:
         response["headers"] = headers
     return response
+
+
+# Every answer, to a page of an allowed origin (MUSICGEN_CORS_ORIGINS, app/cors.py).
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": {
+        "description": "`*` (the default: any origin), or the page's own origin when MUSICGEN_CORS_ORIGINS lists "
+                       "it; absent for other origins, whose pages the browser then keeps from reading the answer.",
+        "schema": {"type": "string"}},
+    "Access-Control-Expose-Headers": {"description": "Headers a page may read beyond the safelisted ones.",
+                                      "schema": {"const": "Retry-After"}},
+}
+PREFLIGHT = {
+    "operationId": "generateMusicPreflight",
+    "summary": "CORS preflight, sent by browsers before a cross-origin POST",
+    "description": "Answered at once, before the token check (none is needed) and without taking the generation "
+                   "slot or counting as a request. For an origin that is not allowed, 204 without CORS headers.",
+    "security": [{}],
+    "responses": {"204": {"description": "No content.", "headers": {
+        "Access-Control-Allow-Origin": {"$ref": "#/components/headers/Access-Control-Allow-Origin"},
+        "Access-Control-Allow-Methods": {"schema": {"const": "GET, POST"}},
+        "Access-Control-Allow-Headers": {"description": "The requested ones among Content-Type and Authorization.",
+                                         "schema": {"type": "string"}},
+        "Access-Control-Max-Age": {"description": "Seconds a browser may keep this answer.",
+                                   "schema": {"type": "integer"}}}}},
+}
+
+
+def _with_cors(paths: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """Every documented answer carries the CORS headers; the generation endpoint also takes a preflight."""
+    for operation in (op for ops in paths.values() for op in ops.values()):
+        for response in operation["responses"].values():
+            response["headers"] = {**response.get("headers", {}), **{
+                name: {"$ref": f"#/components/headers/{name}"} for name in CORS_HEADERS}}
+    paths["/api/v1/generate_music"]["options"] = copy.deepcopy(PREFLIGHT)
+    return paths
 
 
 def _request_schema() -> tp.Dict[str, tp.Any]:
@@ -100,12 +148,13 @@ def document() -> tp.Dict[str, tp.Any]:
                         "x-sse-data": _ref("StreamEvent"),
                         "example": 'data: {"event": "start"}\n\ndata: {"event": "progress", "progress": 25.5}'
                                    '\n\n: keep-alive\n\ndata: {"event": "completed", "audio": "UklGR..."}\n\n'}}},
-            "400": _error("The body is not valid JSON, not an object, or a field is invalid; the message "
-                          "names the field and the rule it broke."),
+            "400": _error("The body is not valid JSON, not an object, or a field is invalid (an audio field that is "
+                          "not base64 or not a readable audio file in its limits, a melody to a model that takes "
+                          "none, ...); the message names the field and the rule it broke."),
             "401": _error("Only when the server is configured with a token (MUSICGEN_AUTH_TOKEN): the "
                           "`Authorization: Bearer <token>` header is missing or wrong.",
                           {"WWW-Authenticate": {"schema": {"const": "Bearer"}}}),
-            "413": _error("The body is larger than the configured limit (default 64 KiB)."),
+            "413": _error("The body is larger than the configured limit (default 16 MiB)."),
             "503": _error("Busy: another generation is running (with `Retry-After`); or the model failed "
                           "to load (without it: retrying this backend will not help).",
                           {"Retry-After": {"description": "Seconds to wait before trying again (when busy).",
@@ -135,22 +184,27 @@ def document() -> tp.Dict[str, tp.Any]:
             "sample_rate": {"type": ["integer", "null"]},
             "channels": {"type": ["integer", "null"]},
             "error": {"type": ["string", "null"], "description": "Why the model failed to load."},
-            "uptime_seconds": {"type": "number"}}},
+            "uptime_seconds": {"type": "number"},
+            "features": {"type": "object", "description": "What the loaded model can do.", "properties": {
+                "melody": {"type": "boolean", "description": "It takes a `melody` (a melody model)."},
+                "audio_prompt": {"type": "boolean", "description": "It continues an `audio_prompt`."},
+                "formats": {"type": "array", "items": {"enum": list(FORMATS)}}}}}},
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "MusicGen text-to-music API", "version": _version(),
-                 "description": "Text-to-music with MusicGen; progress streamed as Server-Sent Events. "
-                                "Audio is WAV, 32000 Hz, 16-bit PCM, mono or stereo as the model gives."},
-        "paths": {
+                 "description": "Text-to-music with MusicGen, optionally following a melody or continuing audio; "
+                                "progress streamed as Server-Sent Events. Audio is 32000 Hz, mono or stereo as the "
+                                "model gives: WAV (16-bit PCM) by default, or FLAC, MP3, Ogg Vorbis."},
+        "paths": _with_cors({
             "/api/v1/generate_music": {"post": generate},
             "/health": {"get": {**health, "operationId": "health"}},
             "/api/v1/health": {"get": {**health, "operationId": "healthV1"}},
             "/api/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
                                              "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                                    "content": {JSON: {}}}}}},
-        },
-        "components": {"schemas": schemas,
+        }),
+        "components": {"schemas": schemas, "headers": copy.deepcopy(CORS_HEADERS),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "Only when MUSICGEN_AUTH_TOKEN is set."}}},
     }

@@ -8,7 +8,10 @@ stream the weights from memory: halving their size nearly halves the step.
   the logits handed to sampling.
 - `bf16-autocast`: weights of the matrix products in bf16 under CPU autocast, the way audiocraft runs fp16
   on CUDA (residual stream and norms in fp32): closer to fp32, slower (a cast around every product).
-- `int8-dynamic`: PyTorch's dynamic int8 quantization of the `nn.Linear` layers.
+- `int8-dynamic`: every matrix product a decoding step runs (attention projections, audiocraft's fused ones
+  included, feed-forward, output heads) with int8 weights and int8 activations quantized at each call, the
+  rest in fp32 (`app/fast_lm.py`'s `Int8Linear`, applied by `fast_lm.install(int8_weights=True)`): a quarter
+  of fp32's bytes, and on AVX512-VNNI it drifted less from fp32 than `bf16` (docs/benchmarks.md).
 On CUDA audiocraft's own fp16 autocast applies and this setting is ignored.
 """
 
@@ -19,6 +22,7 @@ import torch
 from audiocraft.models.lm import LMModel
 from audiocraft.modules.transformer import StreamingMultiheadAttention, StreamingTransformer, create_sin_embedding
 
+from . import fast_lm
 from .config import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -27,14 +31,20 @@ __all__ = ["PRECISIONS", "apply", "resolve"]
 
 
 def resolve(precision: str, device: str) -> str:
-    """`auto`: bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32; on CUDA `autocast`
-    (audiocraft's own fp16). bf16 is the fastest choice whose drift from fp32 is small (docs/benchmarks.md:
-    mean KL of next-token distributions ~4e-4 nats, top-1 agreement ~93% on near-flat random-weight ones)."""
+    """`auto`: int8-dynamic where the CPU has VNNI (8-bit dot products), else bf16 where it computes bf16
+    natively (AVX512-BF16/AMX), else fp32; on CUDA `autocast` (audiocraft's own fp16). int8-dynamic was the
+    fastest choice and drifted less from fp32 than bf16, on random weights and on sharpened output heads
+    (docs/benchmarks.md); without VNNI its activations keep 7 bits, a drift not measured, so it is not chosen."""
     if not device.startswith("cpu"):
         return "autocast"
     if precision == "auto":
+        if fast_lm.can_quantize() and torch.cpu._is_vnni_supported():
+            return "int8-dynamic"
         return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
             else "fp32"
+    if precision == "int8-dynamic" and not fast_lm.can_quantize():
+        log.warning("MUSICGEN_PRECISION=int8-dynamic: this torch build or CPU has no fbgemm int8 kernels; fp32")
+        return "fp32"
     return precision
 
 
@@ -94,7 +104,9 @@ def _to_bf16_with_fp32_positions(lm: LMModel) -> None:
 
 
 def apply(lm: LMModel, precision: str, device: str) -> str:
-    """Convert `lm` in place for `precision` (one of PRECISIONS); returns the precision in effect."""
+    """Convert `lm` in place for `precision` (one of PRECISIONS); returns the precision in effect.
+    `int8-dynamic` leaves the weights as they are here: `fast_lm.install(int8_weights=True)` quantizes them,
+    as it packs them, since it is what reaches audiocraft's fused attention projections."""
     resolved = resolve(precision, device)
     if resolved == "autocast" and precision not in ("auto", "fp32"):
         log.warning("MUSICGEN_PRECISION=%s applies on CPU only; %s uses audiocraft's fp16 autocast", precision, device)
@@ -105,9 +117,4 @@ def apply(lm: LMModel, precision: str, device: str) -> str:
             param.data = param.data.to(torch.bfloat16)  # autocast leaves tensors already in bf16 as they are
         if type(lm) is LMModel:
             lm.__class__ = _AutocastLM
-    elif resolved == "int8-dynamic":
-        # Only nn.Linear is quantized: audiocraft's fused attention input projections stay fp32.
-        for name in ("transformer", "linears"):
-            torch.ao.quantization.quantize_dynamic(getattr(lm, name), {torch.nn.Linear}, dtype=torch.qint8,
-                                                   inplace=True)
     return resolved

@@ -1,7 +1,8 @@
 """The request schema of `POST /api/v1/generate_music` and its parser (pure: no Flask, no torch).
 
 The same pydantic model also yields the OpenAPI schema, so the document and the validator cannot drift.
-A valid request becomes the domain's `GenerationParams`, whose defaults the schema states.
+A valid request becomes the domain's `GenerationParams`, whose defaults the schema states; its audio fields
+(base64 text here) are decoded by the reader the caller passes (the view passes `app.audio_input.read`).
 """
 
 import json
@@ -10,11 +11,13 @@ import typing as tp
 import pydantic
 from pydantic import Field, StringConstraints
 
-from .params import DEFAULTS, MAX_SEED, GenerationParams
+from .config import NORMALIZATIONS
+from .params import DEFAULTS, FORMATS, MAX_SEED, AudioClip, GenerationParams
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_DURATION_SECONDS = 60
-
+AUDIO_FIELDS = ("melody", "audio_prompt")
+ReadAudio = tp.Callable[[str, str], AudioClip]  # (field, base64 text) -> clip; raises naming the field
 
 
 class InvalidRequest(ValueError):
@@ -42,10 +45,27 @@ class GenerateParams(pydantic.BaseModel):
     cfg_coef: float = Field(DEFAULTS.cfg_coef, ge=0.0, le=30.0, description="Classifier-free guidance coefficient.")
     seed: tp.Optional[int] = Field(DEFAULTS.seed, ge=0, le=MAX_SEED,
                                    description="Same seed, same audio. Random if absent.")
+    melody: tp.Optional[str] = Field(
+        DEFAULTS.melody, json_schema_extra={"contentEncoding": "base64"},
+        description="Base64 of an audio file (WAV, FLAC, Ogg Vorbis/Opus, MP3) whose melody the clip follows. Melody "
+                    "models only (GET /health: features.melody). 1 to 60 s, 8 to 192 kHz, any channel count.")
+    audio_prompt: tp.Optional[str] = Field(
+        DEFAULTS.audio_prompt, json_schema_extra={"contentEncoding": "base64"},
+        description="Base64 of an audio file (same formats) that the clip begins with and continues. From 1 s to "
+                    "the model's window less 1 s (29 s); duration, the whole clip's length, must exceed it by 1 s.")
+    format: tp.Optional[tp.Literal[FORMATS]] = Field(
+        DEFAULTS.format, description="The file completed.audio carries: wav (16-bit PCM), flac (16-bit), mp3 or ogg "
+                                     "(Vorbis). Absent: wav.")
+    normalization: tp.Optional[tp.Literal[NORMALIZATIONS]] = Field(
+        DEFAULTS.normalization, description="How the clip's level is set: loudness, peak, rms or clip. Absent: the "
+                                            "server's MUSICGEN_NORMALIZE.")
 
 
-def parse_request(body: bytes) -> GenerationParams:
-    """Parse a raw request body, raising `InvalidRequest` with a message that names the field and rule."""
+def parse_request(body: bytes, read_audio: tp.Optional[ReadAudio] = None) -> GenerationParams:
+    """Parse a raw request body, raising `InvalidRequest` with a message that names the field and rule.
+
+    The audio fields are decoded with `read_audio`, which raises its own error naming the field.
+    """
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurdly deep nesting
@@ -56,7 +76,13 @@ def parse_request(body: bytes) -> GenerationParams:
         request = GenerateParams.model_validate(data)
     except pydantic.ValidationError as e:
         raise InvalidRequest(describe(e.errors()[0])) from None
-    return GenerationParams(**request.model_dump())
+    fields = request.model_dump()
+    for name in AUDIO_FIELDS:
+        if fields[name] is not None:
+            if read_audio is None:
+                raise TypeError("parse_request needs read_audio for a request with audio")
+            fields[name] = read_audio(name, fields[name])
+    return GenerationParams(**fields)
 
 
 def describe(error: tp.Mapping[str, tp.Any]) -> str:
@@ -79,11 +105,18 @@ def describe(error: tp.Mapping[str, tp.Any]) -> str:
         return f"{field}: must be true or false"
     if kind == "string_type":
         return f"{field}: must be a string"
+    if kind == "literal_error":
+        return f"{field}: must be one of {', '.join(tp.get_args(_unwrap(field)))}"
     bounds = error.get("ctx") or {}
     if "ge" in bounds or "le" in bounds:
         low, high = _range(field)
         return f"{field}: must be between {low} and {high}"
     return f"{field}: {error['msg']}"
+
+
+def _unwrap(field: str) -> tp.Any:
+    """A field's type without its `Optional`."""
+    return next(arg for arg in tp.get_args(GenerateParams.model_fields[field].annotation) if arg is not type(None))
 
 
 def _range(field: str) -> tp.Tuple[tp.Any, tp.Any]:

@@ -6,6 +6,8 @@ VENV="${MUSICGEN_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3.11}"
 
 ensure_venv() {  # ensure_venv LOCKFILE...: install each lock whose content changed
+  # scripts/gpu_check prepares its own environment on a GPU box without a package index, and sets this.
+  [ "${MUSICGEN_SKIP_INSTALL:-0}" = 1 ] && return 0
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV with $PYTHON" >&2
     "$PYTHON" -m venv "$VENV"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the service against bare audiocraft, side by side in one run; writes docs/benchmarks.{md,png,json}.
 
-    .venv/bin/python scripts/bench.py            # the full run (~15 minutes on 2 shared cores)
-    .venv/bin/python scripts/bench.py --quick    # a few minutes, fewer repeats
+    scripts/bench            # the full run (65 minutes on 2 cores at a load of 5-15), after setting up .venv
+    scripts/bench --quick    # a smoke run, fewer steps and repeats
 
 Every comparison is a ratio or a distribution of figures measured in the same run, interleaved where
 possible (the cores are shared, so absolute times move with the neighbours' load; ratios of paired
@@ -10,6 +10,7 @@ measurements move much less). Nothing here is a pass/fail gate.
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -27,20 +28,29 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, in-process and in the server (OMP_NUM_THREADS); default 1: on "
-                             "cores shared with other work, 2 threads spin-wait on each other and ran 3x slower")
+                        help="torch threads of the decoding-step comparisons (OMP_NUM_THREADS), default 1, so that "
+                             "they compare kernels, not thread scaling; the end-to-end, contention and server "
+                             "sections run the service's own setting (MUSICGEN_CPU_THREADS)")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where benchmarks.md/.png/.json go")
+    parser.add_argument("--report-from", metavar="JSON",
+                        help="only write benchmarks.md/.png from a run's results (benchmarks.json, or the "
+                             "benchmarks.partial.json of a run that stopped early)")
     return parser.parse_args()
 
 
 ARGS = parse_args()
-os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)  # before torch is imported; the servers inherit it
+os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)  # before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as scripts/gunicorn.conf.py sets it for the service
 
 import torch  # noqa: E402
 
-from scripts.bench_lm import decode_costs, lm_step_comparison, long_context_probe  # noqa: E402
+from app import fast_lm  # noqa: E402
+from scripts.bench_cpu import cpu_identity, cpu_section  # noqa: E402
+from scripts.bench_e2e import clips, decoder_precisions  # noqa: E402
+from scripts.bench_lm import decode_costs, lm_step_comparison, long_context_probe, peaked_drift  # noqa: E402
 from scripts.bench_report import write_report  # noqa: E402
 from scripts.bench_service import debug_durations, end_to_end, service_latencies  # noqa: E402
+from scripts.bench_threads import contention  # noqa: E402
 
 
 def machine() -> tp.Dict[str, tp.Any]:
@@ -48,7 +58,12 @@ def machine() -> tp.Dict[str, tp.Any]:
     model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
                  platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
+    identity = cpu_identity()
     return {"host": platform.node(), "cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_family": identity.get("cpu family"), "cpu_model": identity.get("model"),
+            "cpu_stepping": identity.get("stepping"), "cpu_flags": identity.get("flags"),
+            "transparent_hugepages": identity.get("transparent_hugepages"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "torch_threads": ARGS.threads, "python": platform.python_version(),
             "cpu_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -59,6 +74,10 @@ def uptime() -> str:
 
 
 def main() -> None:
+    if ARGS.report_from:
+        out = Path(ARGS.out)
+        write_report(json.loads(Path(ARGS.report_from).read_text()), out / "benchmarks.md", out / "benchmarks.png")
+        return
     torch.set_num_threads(ARGS.threads)
     quick = ARGS.quick
     started = time.monotonic()
@@ -71,14 +90,21 @@ def main() -> None:
     def section(name: str, fn: tp.Callable[[], tp.Any]) -> None:
         t = time.monotonic()
         results[name] = fn()
+        gc.collect()  # the section's models: a later section's processes need the memory
+        fast_lm.return_freed_memory()
         results["uptime"].append(uptime())
         partial.write_text(json.dumps(results, indent=1, default=str))  # kept if a later section fails
         print(f"== {name} ({time.monotonic() - t:.0f} s) {results['uptime'][-1]}", flush=True)
         print(json.dumps(results[name], default=str)[:1500], flush=True)
 
+    section("cpu", cpu_section)
+    section("contention", lambda: contention(rounds=1 if quick else 3))  # processes of their own: run while small
     section("lm_steps", lambda: lm_step_comparison(steps=12 if quick else 100))
+    section("peaked_drift", lambda: peaked_drift(steps=8 if quick else 40, head_scale=8.0))
     section("long_context", lambda: long_context_probe(context=96 if quick else 600, steps=3 if quick else 5))
     results["decode_costs"] = decode_costs(results["lm_steps"], results["long_context"])
+    section("decoder", lambda: decoder_precisions(seconds=2 if quick else 10))
+    section("real_codec_clips", lambda: clips([2] if quick else [10, 30]))
     section("debug_durations", lambda: debug_durations([1, 5] if quick else [1, 5, 10, 20, 30, 45, 60]))
     section("end_to_end", lambda: end_to_end(
         {"debug": [1, 5] if quick else [1, 5, 10], "debug-small": [1] if quick else [1, 2]},

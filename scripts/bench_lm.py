@@ -19,7 +19,8 @@ from app import debug_models, fast_lm, precision
 CFG_COEF = 3.0
 STOCK = "audiocraft fp32 (stock)"
 FP32_PACKED = "fp32 + cross-KV + static KV + packed"
-DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU default where bf16 is native
+BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU default where bf16 is native, no VNNI
+DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
 
 
 def _shared_copy(lm: LMModel) -> LMModel:
@@ -27,8 +28,10 @@ def _shared_copy(lm: LMModel) -> LMModel:
     return copy.deepcopy(lm, memo={id(p): p for p in lm.parameters()})
 
 
-def audiocraft_variants() -> tp.Dict[str, LMModel]:
-    stock = debug_models.build_lm(**debug_models.SMALL_LM)
+def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
+    """Every variant, sharing stock's weights where they are not converted; `head_scale` sharpens the output
+    heads of all of them (`sharpen`)."""
+    stock = sharpen(debug_models.build_lm(**debug_models.SMALL_LM), head_scale)
     cross = _shared_copy(stock)
     fast_lm.install(cross, cross_kv_cache=True)
     both = _shared_copy(stock)
@@ -42,7 +45,7 @@ def audiocraft_variants() -> tp.Dict[str, LMModel]:
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
-    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True)
+    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True)
     fp32_packed = copy.deepcopy(stock)  # packing makes new tensors (and a packed LM cannot be copied)
     fast_lm.install(fp32_packed, cross_kv_cache=True, static_kv_cache=True, packed_weights=True)
     bf16_packed = copy.deepcopy(stock)
@@ -51,8 +54,18 @@ def audiocraft_variants() -> tp.Dict[str, LMModel]:
     return {STOCK: stock, "fp32 + cross-KV cache": cross, "fp32 + cross-KV + static KV": both,
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
-            "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, DEFAULT: bf16_packed,
-            "int8-dynamic + cross-KV + static KV": int8}
+            "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
+            DEFAULT: int8}
+
+
+def sharpen(lm: LMModel, factor: float) -> LMModel:
+    """Random weights give near-flat next-token distributions, which hide errors; output heads scaled by
+    `factor` give peaked ones like a trained model's (a stand-in: no trained weights are reachable here)."""
+    if factor != 1.0:
+        with torch.no_grad():
+            for head in lm.linears:
+                head.weight.mul_(factor)
+    return lm
 
 
 def conditions(lm: LMModel) -> tp.Dict[str, tp.Any]:
@@ -112,7 +125,8 @@ def bandwidth_floor(lm: LMModel) -> tp.Dict[str, float]:
         times.append(time.perf_counter() - t)
     read_gb_s = big.numel() * 4 / statistics.median(times) / 1e9
     return {"bf16_weight_mb": round(weights * 2 / 1e6), "read_gb_s": round(read_gb_s, 1),
-            "ms_per_step": round(weights * 2 / (read_gb_s * 1e9) * 1000, 1)}
+            "ms_per_step": round(weights * 2 / (read_gb_s * 1e9) * 1000, 1),
+            "int8_ms_per_step": round(weights / (read_gb_s * 1e9) * 1000, 1)}
 
 
 def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
@@ -169,7 +183,7 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     there: the per-step cost grows with the context (attention; stock also copies its KV cache each step)."""
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
-                                                "bf16 + cross-KV + static KV", DEFAULT)}
+                                                "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
@@ -228,3 +242,30 @@ def _windows(duration: float, frame_rate: int, max_duration: float, stride: floa
             break
         prompt, offset = length - stride_frames, offset + stride_frames
     return windows
+
+
+def peaked_drift(steps: int, head_scale: float) -> tp.Dict[str, tp.Any]:
+    """Drift from fp32 of the lower-precision CPU defaults on peaked distributions (output heads x `head_scale`):
+    the same tokens, one step at a time, as in `lm_step_comparison`."""
+    chosen = {name: lm for name, lm in audiocraft_variants(head_scale).items()
+              if name in (STOCK, BF16_DEFAULT, "bf16-autocast + cross-KV + static KV", DEFAULT)}
+    cond = conditions(chosen[STOCK])
+    torch.manual_seed(0)
+    tokens = torch.randint(0, debug_models.SMALL_LM["card"], (1, 4, steps))
+    kl: tp.Dict[str, tp.List[float]] = {name: [] for name in chosen if name != STOCK}
+    top1: tp.Dict[str, tp.List[float]] = {name: [] for name in kl}
+    top_p = []
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for lm in chosen.values():
+            stack.enter_context(lm.streaming())
+        for step in range(steps):
+            x = tokens[..., step: step + 1].repeat(2, 1, 1)
+            reference = _cfg_log_probs(chosen[STOCK](x, [], condition_tensors=cond))
+            top_p.append(float(reference.exp().max(-1).values.mean()))
+            for name in kl:
+                logp = _cfg_log_probs(chosen[name](x, [], condition_tensors=cond))
+                kl[name].append(float((reference.exp() * (reference - logp)).sum(-1).mean()))
+                top1[name].append(float((reference.argmax(-1) == logp.argmax(-1)).float().mean()))
+    return {"steps": steps, "head_scale": head_scale, "stock_mean_top1_probability": round(statistics.fmean(top_p), 3),
+            "variants": {name: {"mean_kl": float(f"{statistics.fmean(kl[name]):.2e}"),
+                                "top1_agreement": round(statistics.fmean(top1[name]), 4)} for name in kl}}

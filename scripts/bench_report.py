@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scripts.bench_lm import DEFAULT  # noqa: E402
+from scripts.bench_lm import BF16_DEFAULT, DEFAULT  # noqa: E402
 
 
 def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> str:
@@ -17,27 +17,58 @@ def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
     return "\n".join(lines)
 
 
+SECTIONS = ("cpu", "contention", "lm_steps", "peaked_drift", "long_context", "decoder", "real_codec_clips",
+            "debug_durations", "end_to_end", "service")
+
+
 def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
-    """From scripts/bench.py's results, fresh or read back from benchmarks.json (where keys are strings)."""
-    for curves in (r["decode_costs"]["seconds_per_audio_second"], r["debug_durations"]):
+    """From scripts/bench.py's results, fresh or read back from benchmarks.json (where keys are strings); a run
+    that stopped early (benchmarks.partial.json) gives the sections it reached."""
+    for curves in (r.get("decode_costs", {}).get("seconds_per_audio_second", {}), r.get("debug_durations", {})):
         for name, curve in curves.items():
             curves[name] = {int(d): value for d, value in curve.items()}
     m = r["machine"]
-    steps, probe, svc = r["lm_steps"], r["long_context"], r["service"]
-    floor = steps["floor"]
+    missing = [name for name in SECTIONS if name not in r]
     parts = [
         "# Benchmarks",
         "",
-        "Written by `scripts/bench.py`" + (" --quick" if r["quick"] else "") + f" in {r['wall_seconds']} s. "
+        "Written by `scripts/bench`" + (" --quick" if r["quick"] else "") + f" in {r.get('wall_seconds', '?')} s. "
         f"Machine: {m['host']}, CPU {m['cpu']}, {m['cores']} cores (shared with other work), torch {m['torch']} "
-        f"with {m['torch_threads']} thread(s), Python {m['python']}, AVX512-BF16 {m['cpu_bf16']}, AMX {m['amx']}; "
-        f"{m['date']}. No GPU. Load (`uptime`) at the start and after each section:",
+        f"with {m['torch_threads']} thread(s) in the decoding-step sections, Python {m['python']}, AVX512-BF16 "
+        f"{m['cpu_bf16']}, AMX {m['amx']}; CPU family {m.get('cpu_family')} model {m.get('cpu_model')} stepping "
+        f"{m.get('cpu_stepping')}, flags {', '.join(m.get('cpu_flags') or [])}; transparent huge pages "
+        f"`{m.get('transparent_hugepages')}`; OMP_WAIT_POLICY {m.get('omp_wait_policy')}; {m['date']}. No GPU. "
+        "Load (`uptime`) at the start and after each section:",
         "",
         "```", *r["uptime"], "```",
         "",
         "Absolute times move with the neighbours' load; the ratios are of figures measured side by side "
         "(interleaved step by step or request by request) and move much less.",
         "",
+        *([f"**This run stopped before these sections: {', '.join(missing)}.**", ""] if missing else []),
+        *_cpu_part(r),
+        *_lm_part(r),
+        *_peaked_part(r),
+        *_long_context_part(r),
+        *_contention_part(r),
+        *_real_codec_part(r),
+        *_service_parts(r),
+        f"![plots]({png.name})",
+        "",
+        "GPU figures (CUDA graph against stock audiocraft, written by `scripts/gpu_check`): "
+        "[benchmarks-gpu.md](benchmarks-gpu.md).",
+        "",
+    ]
+    md.write_text("\n".join(parts))
+    _plot(r, png)
+
+
+def _lm_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "lm_steps" not in r:
+        return []
+    steps = r["lm_steps"]
+    floor = steps["floor"]
+    return [
         f"## LM decoding step, musicgen-small size (random weights, CFG batch 2), {steps['steps']} steps "
         "round-robin",
         "",
@@ -51,11 +82,21 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
                [[name, v["ms_per_step"], v["ms_p90"], v["steps_per_s"], v["speedup_vs_stock"],
                  v.get("mean_kl", "-"), v.get("top1_agreement", "-")] for name, v in steps["variants"].items()]),
         "",
-        f"Memory-bandwidth floor: {floor['ms_per_step']} ms/step ({floor['bf16_weight_mb']} MB of bf16 weights read "
-        f"per step at {floor['read_gb_s']} GB/s, the rate of a plain sum over 512 MB in this run); the service's CPU "
-        f"default ({DEFAULT}) runs at {steps['variants'][DEFAULT]['ms_per_step'] / floor['ms_per_step']:.1f}x "
-        "the floor.",
+        f"Memory-bandwidth floor: {floor['ms_per_step']} ms/step in bf16 ({floor['bf16_weight_mb']} MB of bf16 "
+        f"weights read per step at {floor['read_gb_s']} GB/s, the rate of a plain sum over 512 MB in this run), "
+        f"{floor.get('int8_ms_per_step', '-')} ms/step in int8. The service's CPU default where the CPU has VNNI "
+        f"({DEFAULT}) runs at {_x(steps, DEFAULT, floor['ms_per_step'])}x the bf16 floor and "
+        f"{steps['variants'][DEFAULT]['speedup_vs_stock']}x stock's steps/s; the default where bf16 is native but "
+        f"VNNI is not ({BF16_DEFAULT}) at {_x(steps, BF16_DEFAULT, floor['ms_per_step'])}x the bf16 floor.",
         "",
+    ]
+
+
+def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "long_context" not in r or "decode_costs" not in r:
+        return []
+    probe = r["long_context"]
+    return [
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
         _table(["variant", "prefill ms/token", f"ms/step at {probe['context']}"],
@@ -70,51 +111,153 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
                [[name, *[curve[d] for d in (1, 10, 30, 60)]]
                 for name, curve in r["decode_costs"]["seconds_per_audio_second"].items()]),
         "",
-        "## Debug model, bare, seconds of compute per second of audio (measured; plot, middle)",
+    ]
+
+
+def _service_parts(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    parts: tp.List[str] = []
+    if "debug_durations" in r:
+        parts += [
+            "## Debug model, bare, seconds of compute per second of audio (measured; plot, middle)",
+            "",
+            _table(["decoder", *[f"{d} s" for d in r["debug_durations"]["EnCodec"]]],
+                   [[name, *curve.values()] for name, curve in r["debug_durations"].items()]),
+            "",
+        ]
+    if "end_to_end" in r:
+        parts += [
+            "## End to end through gunicorn + SSE / bare `MusicModel.generate` (same model, settings, parameters)",
+            "",
+            _table(["model, duration", "bare s", "served s", "served - bare s", "ratio (median)", "ratio (max)"],
+                   [[k, v["bare_s"], v["served_s"], v["overhead_s"], v["ratio"], v["ratio_max"]]
+                    for k, v in r["end_to_end"].items()]),
+            "",
+        ]
+    if "service" in r:
+        svc = r["service"]
+        parts += [
+            "## Service latencies (debug model)",
+            "",
+            _table(["figure", "value"], [
+                [f"503 while busy, {svc['busy_503']['n']} tries", f"p50 {svc['busy_503']['p50_ms']} ms, "
+                 f"p99 {svc['busy_503']['p99_ms']} ms, max {svc['busy_503']['max_ms']} ms"],
+                [f"POST to `start` event, {svc['time_to_start']['n']} tries",
+                 f"p50 {svc['time_to_start']['p50_ms']} ms, p99 {svc['time_to_start']['p99_ms']} ms"],
+                [f"disconnect to slot free, {svc['disconnect_to_free']['n']} tries",
+                 f"median {svc['disconnect_to_free']['median_s']} s, max {svc['disconnect_to_free']['max_s']} s "
+                 f"(keep-alive {svc['disconnect_to_free']['keepalive_s']} s)"],
+                [f"worker RSS over {svc['rss_mib']['n']} sequential requests",
+                 f"first {svc['rss_mib']['first']} MiB, after 5 {svc['rss_mib']['after_5']} MiB, "
+                 f"last {svc['rss_mib']['last']} MiB: drift {100 * svc['rss_mib']['drift_after_warmup']:.1f} % "
+                 "(GPU memory: no GPU here)"],
+            ]),
+            "",
+        ]
+    return parts
+
+
+def _x(steps: tp.Dict[str, tp.Any], name: str, floor_ms: float) -> str:
+    return f"{steps['variants'][name]['ms_per_step'] / floor_ms:.2f}"
+
+
+def _cpu_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    """Why the same code runs at different speeds on different machines: the kernels and their read rates."""
+    if "cpu" not in r:
+        return []
+    cpu, rates = r["cpu"], r["cpu"]["rates"]
+    kernels = ", ".join(f"{kind}: `{impl}`" for kind, impl in cpu["onednn"]["kernels"].items())
+    return [
+        "## The CPU, its kernels and how fast they read weights (1 thread, round-robin)",
         "",
-        _table(["decoder", *[f"{d} s" for d in r["debug_durations"]["EnCodec"]]],
-               [[name, *curve.values()] for name, curve in r["debug_durations"].items()]),
+        f"oneDNN dispatches to {cpu['onednn']['isa']}; kernels (ONEDNN_VERBOSE): {kernels}. The service's int8 "
+        "products run PyTorch's x86 dynamic quantization, whose kernels are fbgemm's (VNNI where the CPU has it), "
+        "not oneDNN's: oneDNN's own int8 path (above) ran slower per call in this service's 2-row products.",
         "",
-        "## End to end through gunicorn + SSE / bare `MusicModel.generate` (same model, settings, parameters)",
+        f"The 6 products of each of {rates['layers']} layers with distinct weights ({rates['weights_mb']['bf16']} MB "
+        f"in bf16, {rates['weights_mb']['int8']} MB in int8), 2 rows (the CFG pair), streamed from memory as a "
+        "decoding step reads them, and the same kernels on one layer's weights run as many times (hot: in the "
+        f"cache, what the kernel computes at when memory is not in the way). A plain sum read {rates['sum_gb_s']} "
+        "GB/s in this run.",
         "",
-        _table(["model, duration", "bare s", "served s", "served - bare s", "ratio (median)", "ratio (max)"],
-               [[k, v["bare_s"], v["served_s"], v["overhead_s"], v["ratio"], v["ratio_max"]]
-                for k, v in r["end_to_end"].items()]),
-        "",
-        "## Service latencies (debug model)",
-        "",
-        _table(["figure", "value"], [
-            [f"503 while busy, {svc['busy_503']['n']} tries", f"p50 {svc['busy_503']['p50_ms']} ms, "
-             f"p99 {svc['busy_503']['p99_ms']} ms, max {svc['busy_503']['max_ms']} ms"],
-            [f"POST to `start` event, {svc['time_to_start']['n']} tries",
-             f"p50 {svc['time_to_start']['p50_ms']} ms, p99 {svc['time_to_start']['p99_ms']} ms"],
-            [f"disconnect to slot free, {svc['disconnect_to_free']['n']} tries",
-             f"median {svc['disconnect_to_free']['median_s']} s, max {svc['disconnect_to_free']['max_s']} s "
-             f"(keep-alive {svc['disconnect_to_free']['keepalive_s']} s)"],
-            [f"worker RSS over {svc['rss_mib']['n']} sequential requests",
-             f"first {svc['rss_mib']['first']} MiB, after 5 {svc['rss_mib']['after_5']} MiB, "
-             f"last {svc['rss_mib']['last']} MiB: drift {100 * svc['rss_mib']['drift_after_warmup']:.1f} % "
-             "(GPU memory: no GPU here)"],
-        ]),
-        "",
-        f"![plots]({png.name})",
+        _table(["kernel", "ms", "weights read GB/s", "share of the sum's rate"],
+               [[name, v["ms"], v["gb_s"], v["share_of_sum_rate"]] for name, v in rates["products"].items()]),
         "",
     ]
-    md.write_text("\n".join(parts))
-    _plot(r, png)
+
+
+def _peaked_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "peaked_drift" not in r:
+        return []
+    p = r["peaked_drift"]
+    return [
+        f"## Drift on peaked distributions (output heads x {p['head_scale']}), {p['steps']} steps",
+        "",
+        "Random weights give near-flat distributions, which hide errors; scaling the output heads makes them "
+        f"peaked like a trained model's (stock's mean top-1 probability here: {p['stock_mean_top1_probability']}). "
+        "It sharpens the output only: the activation outliers of trained weights are not modelled.",
+        "",
+        _table(["variant", "mean KL vs fp32", "top-1 agreement"],
+               [[name, v["mean_kl"], v["top1_agreement"]] for name, v in p["variants"].items()]),
+        "",
+    ]
+
+
+def _contention_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "contention" not in r:
+        return []
+    c = r["contention"]
+    rows = [[name, c["torch_threads"][name], c["seconds"]["quiet"][name], c["seconds"]["contended"][name],
+             c["contended_over_best_quiet"][name]] for name in c["seconds"]["quiet"]]
+    return [
+        f"## Under contention: a {c['clip_seconds']} s {c['model']} clip, quiet and with a CPU hog on each of the "
+        f"{c['cores']} cores",
+        "",
+        f"Each setting in its own process (OpenMP reads its wait policy once), generating on one long-lived thread "
+        f"as the service does; medians of {c['rounds']} round(s), round-robin. A run is stopped at "
+        f"{c['cap_seconds']} s (a collapsing setting would take minutes): that figure means \"at least\". A fair "
+        "share of the cores is half, so 2x the quiet time is what sharing costs; the goal is at most 2.5x.",
+        "",
+        _table(["setting", "torch threads", "quiet s", "with hogs s", "with hogs / best quiet"], rows),
+        "",
+    ]
+
+
+def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "real_codec_clips" not in r:
+        return []
+    d, c = r["decoder"], r["real_codec_clips"]
+    return [
+        "## End to end with a real-size EnCodec decoder (musicgen-small-sized LM)",
+        "",
+        f"transformers' EncodecModel from facebook/encodec_32khz's configuration, random weights "
+        f"({d['parameters_m']} M parameters). Its decoder on {d['seconds']} s of tokens, fp32 vs the service's "
+        f"default ({d['default']}), round-robin: {d['speedup']}x faster, relative squared error "
+        f"{d['relative_squared_error']}; seconds per second of audio: "
+        + ", ".join(f"{name} {v}" for name, v in d["s_per_audio_s"].items()) + ".",
+        "",
+        f"Whole clips with the service's defaults (LM {c['precision']}, decoder {c['decoder']}, {c['threads']} torch "
+        "thread(s)) and that decoder. debug-small conditions on a look-up table: the text encoding is a t5-base-sized "
+        "encoder (random weights) timed apart on a 12-token prompt and added.",
+        "",
+        _table(["clip", "text (T5-base size) s", "LM s", "LM ms/step", "EnCodec s", "WAV s", "total s",
+                "compute s per audio s"],
+               [[k, v["t5_s"], v["lm_s"], v["lm_ms_per_step"], v["decode_s"], v["wav_s"], v["total_s"],
+                 v["s_per_audio_s"]] for k, v in c["clips"].items()]),
+        "",
+    ]
 
 
 def _plot(r: tp.Dict[str, tp.Any], png: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1.2, 1, 1]})
-    for name, curve in r["decode_costs"]["seconds_per_audio_second"].items():
+    for name, curve in r.get("decode_costs", {}).get("seconds_per_audio_second", {}).items():
         axes[0].plot([int(d) for d in curve], list(curve.values()), label=name)
     axes[0].axhline(1.0, color="grey", linestyle=":", label="real time")
     axes[0].set(title="musicgen-small size: LM s per s of audio\n(extrapolated)", xlabel="duration (s)",
                 ylabel="seconds per second of audio")
-    for name, curve in r["debug_durations"].items():
+    for name, curve in r.get("debug_durations", {}).items():
         axes[1].plot([int(d) for d in curve], list(curve.values()), marker="o", label=name)
     axes[1].set(title="debug model, bare: s per s of audio\n(measured)", xlabel="duration (s)")
-    variants = r["lm_steps"]["variants"]
+    variants = r.get("lm_steps", {}).get("variants", {})
     axes[2].barh(list(variants), [v["steps_per_s"] for v in variants.values()])
     axes[2].set(title="decoding steps/s, musicgen-small size", xlabel="steps per second")
     axes[2].invert_yaxis()

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Generate music with the MusicGen service from the command line: progress bar on stderr, WAV to a file.
+"""Generate music with the MusicGen service from the command line: progress bar on stderr, audio to a file.
 
 Standard library only (Python 3.8+), so it can be copied anywhere; installed with the package as
-`musicgen-generate`. Example:
+`musicgen-generate`. Examples:
 
     musicgen-generate "lo-fi beat with mellow piano" --duration 10 -o beat.wav --url http://127.0.0.1:5555
+    musicgen-generate "add drums and bass" --continue riff.flac --duration 20 -o song.mp3
 
 Exit codes:
-    0    the WAV was saved
+    0    the audio was saved
     1    server error: a 5xx answer, an `error` event (e.g. out of GPU memory), a broken stream
     2    bad request: invalid flags, or the server answered 400/413, or 401 (token missing or wrong)
     3    busy: the server answered 503 with Retry-After (after the --retry attempts, if any)
@@ -17,6 +18,7 @@ Exit codes:
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -38,6 +40,17 @@ PARAMETERS = [
     ("temperature", float, 1.0, 0.0, 10.0, "softmax temperature; 0 is greedy decoding"),
     ("cfg_coef", float, 3.0, 0.0, 30.0, "classifier-free guidance coefficient"),
     ("seed", int, None, 0, 2**32 - 1, "same seed, same audio"),
+]
+# Fields with a fixed set of values: (name, values, help); absent, the server decides.
+CHOICES = [
+    ("format", ("wav", "flac", "mp3", "ogg"), "the audio file's format (default: the extension of -o, else wav)"),
+    ("normalization", ("loudness", "peak", "rms", "clip"), "how the clip's level is set (default: the server's)"),
+]
+# Audio files sent as base64: (field, flag, help).
+AUDIO_FILES = [
+    ("melody", "--melody", "an audio file (WAV, FLAC, Ogg, MP3) whose melody the clip follows (melody models)"),
+    ("audio_prompt", "--continue", "an audio file the clip begins with and continues; --duration is the whole "
+                                   "clip's length, at least 1 s longer"),
 ]
 MAX_DESCRIPTION_CHARS = 2000
 
@@ -64,7 +77,7 @@ def _ranged(kind: tp.Callable[[str], tp.Any], low: tp.Any, high: tp.Any) -> tp.C
 
 def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="musicgen-generate", description="Generate music with a MusicGen service and save it as WAV.",
+        prog="musicgen-generate", description="Generate music with a MusicGen service and save it as an audio file.",
         epilog="Exit codes: 0 saved, 1 server error, 2 bad request, 3 busy, 4 network error, 130 interrupted.")
     parser.add_argument("description", help=f"what the music should sound like (at most {MAX_DESCRIPTION_CHARS} "
                                             "characters)")
@@ -76,8 +89,12 @@ def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace
             shown = "random" if default is None else default
             parser.add_argument(flag, dest=name, type=_ranged(kind, low, high), metavar=kind.__name__.upper(),
                                 help=f"{text}; {low} to {high} (server default: {shown})")
-    parser.add_argument("-o", "--output", help="where to save the WAV; `-` for stdout "
-                                               "(default: musicgen-SEED.wav in the current directory)")
+    for name, values, text in CHOICES:
+        parser.add_argument("--" + name, choices=values, help=text)
+    for name, flag, text in AUDIO_FILES:
+        parser.add_argument(flag, dest=name, metavar="FILE", help=text)
+    parser.add_argument("-o", "--output", help="where to save the audio; `-` for stdout "
+                                               "(default: musicgen-SEED.wav, or the --format's extension)")
     parser.add_argument("--url", default=os.environ.get("MUSICGEN_URL", "http://127.0.0.1:5555"),
                         help="the service (default: $MUSICGEN_URL or http://127.0.0.1:5555)")
     parser.add_argument("--token", default=os.environ.get("MUSICGEN_AUTH_TOKEN", ""),
@@ -95,13 +112,28 @@ def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace
         parser.error("the description must not be empty")
     if args.retry < 0:
         parser.error("--retry must be 0 or more")
+    extension = os.path.splitext(args.output or "")[1].lower().lstrip(".")
+    formats = CHOICES[0][1]
+    if args.format is None and extension in formats:
+        args.format = extension
+    elif args.format is not None and extension and extension != args.format and args.output != "-":
+        parser.error(f"--format {args.format} but the output file ends in .{extension}")
+    for name, flag, _ in AUDIO_FILES:
+        if getattr(args, name) is not None and not os.path.isfile(getattr(args, name)):
+            parser.error(f"{flag}: no such file: {getattr(args, name)}")
     return args
 
 
 def request_body(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
-    """The flags given; the server applies its own defaults to the rest."""
-    body = {"description": args.description}
-    body.update({name: getattr(args, name) for name, *_ in PARAMETERS if getattr(args, name) is not None})
+    """The flags given, audio files as base64; the server applies its own defaults to the rest."""
+    body: tp.Dict[str, tp.Any] = {"description": args.description}
+    names = [name for name, *_ in PARAMETERS] + [name for name, *_ in CHOICES]
+    body.update({name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    for name, _, _ in AUDIO_FILES:
+        path = getattr(args, name)
+        if path is not None:
+            with open(path, "rb") as f:
+                body[name] = base64.b64encode(f.read()).decode("ascii")
     return body
 
 
@@ -162,7 +194,8 @@ def _answer_message(response: http.client.HTTPResponse) -> str:
         return text.strip()[:500] or response.reason
 
 
-def attempt(args: argparse.Namespace, bar: ProgressBar) -> tp.Tuple[tp.Optional[float], tp.Dict[str, tp.Any]]:
+def attempt(args: argparse.Namespace, bar: ProgressBar,
+            body: bytes) -> tp.Tuple[tp.Optional[float], tp.Dict[str, tp.Any]]:
     """One request: (None, completed event), or (seconds to wait, {}) when busy; raises Failure otherwise."""
     url = urllib.parse.urlsplit(args.url)
     if url.scheme not in ("http", "https") or not url.hostname:
@@ -173,8 +206,9 @@ def attempt(args: argparse.Namespace, bar: ProgressBar) -> tp.Tuple[tp.Optional[
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if args.token:
             headers["Authorization"] = f"Bearer {args.token}"
-        conn.request("POST", url.path.rstrip("/") + PATH, body=json.dumps(request_body(args)).encode(),
-                     headers=headers)
+        # A server may answer before it has read the whole body (413, 401) and close: its answer is waiting.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.request("POST", url.path.rstrip("/") + PATH, body=body, headers=headers)
         response = conn.getresponse()
         if response.status == 401:
             hint = "wrong --token" if args.token else "this server needs a token: set MUSICGEN_AUTH_TOKEN or --token"
@@ -189,7 +223,7 @@ def attempt(args: argparse.Namespace, bar: ProgressBar) -> tp.Tuple[tp.Optional[
             raise Failure(EXIT_SERVER, f"server error ({response.status}): {_answer_message(response)}")
         for event in events(response):
             if event.get("event") == "start":
-                say(args, f"generating {event.get('duration', '?')} s, seed {event.get('seed', '?')}")
+                say(args, f"generating {event.get('duration', '?')} s, seed {event.get('seed', '?')}{_inputs(event)}")
             elif event.get("event") == "progress":
                 bar.update(float(event.get("progress", 0)))
             elif event.get("event") == "completed":
@@ -209,14 +243,24 @@ def attempt(args: argparse.Namespace, bar: ProgressBar) -> tp.Tuple[tp.Optional[
         conn.close()  # also what cancels the generation when we leave early (Ctrl-C)
 
 
+def _inputs(start: tp.Dict[str, tp.Any]) -> str:
+    """What the start event says of the audio inputs, e.g. ` (continuing 4.0 s of audio, following a melody)`."""
+    said = []
+    if isinstance(start.get("audio_prompt"), dict):
+        said.append(f"continuing {start['audio_prompt'].get('seconds', '?')} s of audio")
+    if isinstance(start.get("melody"), dict):
+        said.append(f"following a {start['melody'].get('seconds', '?')} s melody")
+    return f" ({', '.join(said)})" if said else ""
+
+
 def save(args: argparse.Namespace, event: tp.Dict[str, tp.Any]) -> str:
     audio = base64.b64decode(event["audio"])
     if args.output == "-":
         sys.stdout.buffer.write(audio)
         sys.stdout.buffer.flush()
         return "stdout"
-    path = args.output or f"musicgen-{event.get('seed', 'clip')}.wav"
-    partial = path + ".part"  # never leave a half-written WAV under the real name
+    path = args.output or f"musicgen-{event.get('seed', 'clip')}.{event.get('format', 'wav')}"
+    partial = path + ".part"  # never leave a half-written file under the real name
     with open(partial, "wb") as f:
         f.write(audio)
     os.replace(partial, path)
@@ -225,13 +269,17 @@ def save(args: argparse.Namespace, event: tp.Dict[str, tp.Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr, args.quiet)
+    try:
+        body = json.dumps(request_body(args)).encode()
+    except OSError as e:
+        raise Failure(EXIT_BAD_REQUEST, f"cannot read an audio file: {e}") from None
     for attempt_number in range(args.retry + 1):
-        wait, completed = attempt(args, bar)
+        wait, completed = attempt(args, bar, body)
         if wait is None:
             where = save(args, completed)
             channels = {1: "mono", 2: "stereo"}.get(completed.get("channels"), "?")
-            say(args, f"saved {where} ({completed.get('duration', '?')} s, {completed.get('sample_rate', '?')} Hz, "
-                      f"{channels}, seed {completed.get('seed', '?')})")
+            say(args, f"saved {where} ({completed.get('format', 'wav').upper()}, {completed.get('duration', '?')} s, "
+                      f"{completed.get('sample_rate', '?')} Hz, {channels}, seed {completed.get('seed', '?')})")
             return EXIT_OK
         if attempt_number < args.retry:
             delay = min(wait * 2 ** attempt_number, 300)

@@ -1,6 +1,18 @@
 import pytest
+import torch
 
 from tests.helpers import Server
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need an NVIDIA GPU: elsewhere they skip, saying so (scripts/gpu_check runs them)."""
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs an NVIDIA GPU: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) sees none; "
+              "scripts/gpu_check runs these on a GPU box")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,16 @@ import typing as tp
 import pytest
 
 from app.validation import MAX_DESCRIPTION_CHARS, GenerateParams
+from tests.audio_samples import decode, encode, tone
 from tests.helpers import ROOT, Server, events, free_port, generate, wav_info
 
 CLI = ROOT / "scripts" / "generate_music.py"
 
 
-def cli(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(url: str, *args: str, timeout: float = 120, cwd: tp.Any = None) -> subprocess.CompletedProcess:
     # -I: isolated from the project and the venv's site-packages; it needs the standard library only.
     return subprocess.run([sys.executable, "-I", str(CLI), "--url", url, *args], capture_output=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def load_cli() -> tp.Any:
@@ -34,7 +35,13 @@ def test_flags_mirror_the_validator():
     assert module.MAX_DESCRIPTION_CHARS == MAX_DESCRIPTION_CHARS
     fields = dict(GenerateParams.model_fields)
     assert fields.pop("description").is_required()
-    assert [p[0] for p in module.PARAMETERS] == list(fields)
+    flags = [p[0] for p in module.PARAMETERS + module.CHOICES + module.AUDIO_FILES]
+    assert sorted(flags) == sorted(fields)
+    for name, values, _ in module.CHOICES:  # Optional[Literal[...]]: absent means the server decides
+        assert fields[name].default is None
+        assert values == tp.get_args(tp.get_args(fields[name].annotation)[0]), name
+    for name, _, _ in module.AUDIO_FILES:
+        assert fields[name].default is None and str in tp.get_args(fields[name].annotation), name
     for name, kind, default, low, high, _ in module.PARAMETERS:
         field = fields[name]
         assert field.default == default, name
@@ -57,11 +64,44 @@ def test_generates_a_wav_with_progress(idle_server, tmp_path):
     assert not list(tmp_path.glob("*.part"))
 
 
-def test_bad_request_exits_2(idle_server, tmp_path):
+def test_continues_a_file_and_names_the_output_after_the_format(idle_server, tmp_path):
+    riff = tmp_path / "riff.flac"
+    riff.write_bytes(encode(tone(2.0, 44100, 2), 44100, "FLAC", "PCM_16"))
+    done = cli(idle_server.url, "add drums", "--continue", str(riff), "--duration", "4", "--seed", "3",
+               "--format", "mp3", "--normalization", "peak", cwd=tmp_path)
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "generating 4 s, seed 3 (continuing 2.0 s of audio)" in stderr
+    assert "saved musicgen-3.mp3 (MP3, 4 s, 32000 Hz, mono, seed 3)" in stderr
+    samples, rate = decode((tmp_path / "musicgen-3.mp3").read_bytes())
+    assert rate == 32000 and abs(len(samples) - 4 * 32000) <= 1152
+    assert abs(abs(samples).max() - 10 ** (-1 / 20)) < 0.1  # peak normalization: -1 dBFS (MP3 overshoots a bit)
+
+
+def test_the_output_extension_picks_the_format(idle_server, tmp_path):
+    out = tmp_path / "pads.ogg"
+    done = cli(idle_server.url, "ambient pads", "--duration", "2", "-o", str(out))
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.read_bytes()[:4] == b"OggS" and decode(out.read_bytes())[0].shape == (2 * 32000, 1)
+    mismatch = cli(idle_server.url, "pads", "--format", "flac", "-o", str(tmp_path / "pads.wav"))
+    assert mismatch.returncode == 2 and b"--format flac but the output file ends in .wav" in mismatch.stderr
+    missing = cli(idle_server.url, "pads", "--melody", str(tmp_path / "nowhere.wav"))
+    assert missing.returncode == 2 and b"--melody: no such file" in missing.stderr
+    melody = tmp_path / "tune.wav"
+    melody.write_bytes(encode(tone(2.0), 32000))
+    refused = cli(idle_server.url, "pads", "--melody", str(melody), "-o", str(tmp_path / "x.wav"))
+    assert refused.returncode == 2
+    assert b"bad request (400): melody: the loaded model (debug) does not take a melody" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pads.ogg", "tune.wav"]
+
+
+def test_bad_request_exits_2(idle_server, tmp_path, tmp_path_factory):
     too_long = cli(idle_server.url, "x" * (MAX_DESCRIPTION_CHARS + 1), "-o", str(tmp_path / "a.wav"))
     assert too_long.returncode == 2
     assert b"bad request (400): description: at most 2000 characters" in too_long.stderr
-    too_large = cli(idle_server.url, "x" * 70000)
+    huge = tmp_path_factory.mktemp("inputs") / "huge.wav"
+    huge.write_bytes(bytes(13 * 2**20))  # 17.3 MiB as base64: over the 16 MiB body limit
+    too_large = cli(idle_server.url, "piano", "--continue", str(huge), "-o", str(tmp_path / "b.wav"))
     assert too_large.returncode == 2 and b"bad request (413)" in too_large.stderr
     out_of_range = cli(idle_server.url, "piano", "--duration", "61")  # refused before sending anything
     assert out_of_range.returncode == 2 and b"must be between 1 and 60" in out_of_range.stderr

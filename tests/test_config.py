@@ -7,7 +7,7 @@ def test_defaults_without_environment():
     settings = Settings.from_env({})
     assert settings == Settings()
     assert (settings.model, settings.device, settings.keepalive_seconds, settings.max_body_bytes,
-            settings.normalize) == ("facebook/musicgen-small", "auto", 0.5, 65536, "loudness")
+            settings.normalize) == ("facebook/musicgen-small", "auto", 0.5, 16 * 1024 * 1024, "loudness")
     assert settings.mbd_source == "facebook/multiband-diffusion"
 
 

@@ -80,8 +80,8 @@ def test_unit_port_is_5555_plus_instance_unless_set(instance, environment, port)
 
 
 def test_nginx_body_limit_equals_the_app_limit():
-    assert nginx_directive("client_max_body_size") == "64k"
-    assert 64 * 1024 == Settings().max_body_bytes == int(env_example()["MUSICGEN_MAX_BODY_BYTES"])
+    assert nginx_directive("client_max_body_size") == "16m"
+    assert 16 * 1024 * 1024 == Settings().max_body_bytes == int(env_example()["MUSICGEN_MAX_BODY_BYTES"])
 
 
 def test_nginx_read_timeout_exceeds_any_keepalive_interval():

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from app.generation import Busy, GenerationService, ModelUnavailable, Progress
-from app.params import GenerationParams
+from app.params import AudioClip, GenerationParams, UnsupportedRequest
 
 
 class FakeModel:
-    name, device, sample_rate, channels = "fake", "cpu", 32000, 1
+    name, device, sample_rate, channels, melody = "fake", "cpu", 32000, 1, False
 
     def __init__(self, steps: int = 50, step_seconds: float = 0.0, fail_at: int = -1):
         self.steps, self.step_seconds, self.fail_at = steps, step_seconds, fail_at
@@ -26,7 +26,11 @@ class FakeModel:
     def ensure_mbd(self):
         return None
 
-    def lm_steps(self, duration):
+    def check(self, params):
+        if params.melody is not None and not self.melody:
+            raise UnsupportedRequest("melody: the loaded model (fake) does not take a melody")
+
+    def lm_steps(self, duration, prompt=None):
         return self.steps
 
     def diffusion_steps(self):
@@ -165,6 +169,35 @@ def test_jobs_wait_for_the_model_then_run(make_service):
     assert job.events.empty()
     loaded.set()
     assert drain(job)[-1]["event"] == "completed"
+
+
+def test_what_the_loaded_model_cannot_do_is_refused_before_the_slot_is_taken(make_service):
+    service = make_service()
+    service.submit(params())  # waits for the load; once loaded, the model is known
+    melody = AudioClip(torch.zeros(1, 32000), 32000)
+    deadline = time.monotonic() + 5
+    while service.model is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while service.state != "ready" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(UnsupportedRequest, match="^melody: "):
+        service.submit(params(melody=melody))
+    assert service.state == "ready"  # the slot was never taken
+    assert drain(service.submit(params()))[-1]["event"] == "completed"
+
+
+def test_while_the_model_loads_the_same_check_ends_the_stream_instead(make_service):
+    loaded = threading.Event()
+
+    def slow_load():
+        loaded.wait(5)
+        return FakeModel()
+
+    service = make_service(load=slow_load)
+    job = service.submit(params(melody=AudioClip(torch.zeros(1, 32000), 32000)))  # nothing to ask yet
+    loaded.set()
+    assert drain(job) == [{"event": "error", "message": "melody: the loaded model (fake) does not take a melody"}]
+    assert drain(service.submit(params()))[-1]["event"] == "completed"  # and the slot is free
 
 
 def test_a_model_that_fails_to_load_answers_every_request_with_its_reason(make_service):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import typing as tp
 from pathlib import Path
@@ -229,7 +230,7 @@ def test_client_disconnect_in_silent_phase(second_server, nginx):
 
 def test_nginx_own_errors_are_api_json(idle_server, nginx, tmp_path):
     proxy = nginx([idle_server.port])
-    limit = 64 * 1024
+    limit = 16 * 1024 * 1024
     # At the limit the body gets through to the app (which rejects the over-long description) ...
     at_limit = json.dumps({"description": "x" * (limit - 20)}).encode()
     at_limit += b" " * (limit - len(at_limit))
@@ -296,3 +297,60 @@ def test_two_backends_two_generations_at_once_third_gets_503(idle_server, second
         streams = stream_twice(stack, proxy.url, {"description": "again", "duration": 4})
         assert idle_server.health()["status"] == second_server.health()["status"] == "busy"
         assert [[e["event"] for e in stream][-1] for stream in streams] == ["completed", "completed"]
+
+
+class Tricklers:
+    """`count` clients that each announce a large body and send it a few bytes at a time, never finishing."""
+
+    def __init__(self, port: int, count: int, length: int = 10 * 2**20):
+        self.sockets: tp.List[socket.socket] = []
+        self.stop = threading.Event()
+        head = (f"POST /api/v1/generate_music HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {length}\r\n\r\n").encode()
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(head + b'{"description": "')
+            self.sockets.append(s)
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(0.5):
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.send(b"x")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        for s in self.sockets:
+            s.close()
+
+
+def test_slow_uploads_wait_in_nginx_not_in_gunicorns_threads(idle_server, nginx):
+    """Bodies may be 16 MiB now, so slow uploads matter. Directly on gunicorn, 10 clients trickling a body
+    hold all 8 request threads and /health stops answering; through the shipped site (request buffering
+    on) 50 of them leave /health and a real generation served."""
+    direct = Tricklers(idle_server.port, 10)
+    try:
+        time.sleep(1)
+        with pytest.raises(requests.Timeout):
+            requests.get(f"{idle_server.url}/health", timeout=3)
+    finally:
+        direct.close()
+    idle_server.wait(timeout=30)  # the threads are free once those clients are gone
+
+    proxy = nginx([idle_server.port])
+    tricklers = Tricklers(proxy.port, 50)
+    try:
+        time.sleep(1)
+        assert established_to(idle_server.port) == 0  # nginx holds the uploads; none reached gunicorn
+        for _ in range(5):
+            health = requests.get(f"{proxy.url}/health", timeout=3)
+            assert health.status_code == 200 and health.json()["status"] == "ready"
+        with generate(proxy.url, {"description": "while others upload", "duration": 2, "seed": 5}) as r:
+            assert r.status_code == 200
+            done = list(events(r))[-1]
+        assert done["event"] == "completed" and wav_info(base64.b64decode(done["audio"]))[3] == 2
+    finally:
+        tricklers.close()

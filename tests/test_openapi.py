@@ -9,6 +9,7 @@ import requests
 from openapi_spec_validator import validate
 
 from app.validation import GenerateParams
+from tests.audio_samples import wav64
 from tests.helpers import events, generate
 
 
@@ -105,7 +106,7 @@ def test_stream_events_health_and_errors_match_the_document(document, idle_serve
     error_schema = schema_validator(document, "ErrorResponse")
     for answer in (requests.get(idle_server.url + "/nowhere", timeout=10),
                    requests.get(idle_server.url + "/api/v1/generate_music", timeout=10),
-                   generate(idle_server.url, b"x" * (65 * 1024), timeout=10),
+                   generate(idle_server.url, b"x" * (16 * 2**20 + 1), timeout=30),
                    generate(idle_server.url, b"{not json", timeout=10)):
         assert answer.status_code in (404, 405, 413, 400)
         error_schema.validate(answer.json())
@@ -120,3 +121,21 @@ def test_a_schema_change_would_show(document):
     served = json.loads(json.dumps(document["components"]["schemas"]["GenerateParams"]))
     served["properties"]["description"]["description"] = own["properties"]["description"]["description"]
     assert served == own
+
+
+def test_version_1_1_events_and_health_are_documented_field_by_field(document, idle_server):
+    stream_event = schema_validator(document, "StreamEvent")
+    schemas = document["components"]["schemas"]
+    body = {"description": "short", "duration": 2, "format": "ogg", "normalization": "peak",
+            "audio_prompt": wav64(1.0)}
+    with generate(idle_server.url, body) as response:
+        received = list(events(response))
+    for event in received:
+        stream_event.validate(event)
+    start, done = received[0], received[-1]
+    assert done["event"] == "completed" and done["format"] == "ogg" and start["audio_prompt"] == {"seconds": 1.0}
+    assert set(start) <= set(schemas["StartEvent"]["properties"])  # nothing the server sends goes undocumented
+    assert set(done) <= set(schemas["CompletedEvent"]["properties"])
+    health = requests.get(idle_server.url + "/health", timeout=10).json()
+    assert set(health) <= set(schemas["Health"]["properties"])
+    assert set(health["features"]) == set(schemas["Health"]["properties"]["features"]["properties"])

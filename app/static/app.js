@@ -5,10 +5,13 @@
 
 const API = '/api/v1/generate_music';
 const BASIC = ['duration', 'mbd']; // everything else goes under "Advanced settings"
+const AUDIO_FIELDS = ['melody', 'audio_prompt']; // audio files: their own pickers (index.html), not form fields
 const LABELS = {
   duration: 'Duration (seconds)', mbd: 'MultiBand Diffusion decoder', top_k: 'Top-k', top_p: 'Top-p',
-  temperature: 'Temperature', cfg_coef: 'Guidance (cfg_coef)', seed: 'Seed',
+  temperature: 'Temperature', cfg_coef: 'Guidance (cfg_coef)', seed: 'Seed', format: 'Audio format',
+  normalization: 'Normalization',
 };
+const MIME_TYPES = { wav: 'audio/wav', flac: 'audio/flac', mp3: 'audio/mpeg', ogg: 'audio/ogg' };
 
 const TOKEN_KEY = 'musicgen-token'; // sessionStorage: the token lives as long as the tab
 const $ = (id) => document.getElementById(id);
@@ -28,7 +31,7 @@ function unwrap(prop) {
 
 function hint(prop) {
   const parts = [];
-  if (prop.type === 'boolean') return ''; // the checkbox shows its default
+  if (prop.type === 'boolean' || prop.enum) return ''; // the control shows its default; the description says it
   if (prop.default !== undefined && prop.default !== null) parts.push(`Default ${prop.default}`);
   else if (prop.optional) parts.push('Empty: random');
   if (prop.minimum !== undefined && prop.maximum !== undefined) parts.push(`range ${prop.minimum}–${prop.maximum}`);
@@ -43,7 +46,16 @@ function buildField(name, raw) {
   const input = document.createElement('input');
   input.id = input.name = name;
   input.dataset.type = prop.type;
-  if (prop.type === 'boolean') {
+  if (prop.enum) {
+    const select = document.createElement('select');
+    select.id = select.name = name;
+    if (prop.optional) select.append(new Option('default', '')); // left out of the request: the server decides
+    for (const value of prop.enum) select.append(new Option(value, value));
+    select.value = prop.default ?? '';
+    label.htmlFor = name;
+    label.textContent = LABELS[name] || prop.title || name;
+    box.append(label, select);
+  } else if (prop.type === 'boolean') {
     box.classList.add('checkbox');
     input.type = 'checkbox';
     input.checked = prop.default === true;
@@ -75,19 +87,70 @@ async function loadForm() {
   const description = schema.properties.description;
   $('description').maxLength = description.maxLength;
   for (const [name, prop] of Object.entries(schema.properties)) {
-    if (name === 'description') continue;
+    if (name === 'description' || AUDIO_FIELDS.includes(name)) continue;
     $(BASIC.includes(name) ? 'basic' : 'advanced').append(buildField(name, prop));
   }
 }
 
-// The request body: what the form says; an empty number field is left out (the server's default).
-function body() {
+// The request body: what the form says; an empty field is left out (the server's default). Audio files go
+// as data: URLs (base64 with a prefix the server accepts).
+async function body() {
   const params = { description: $('description').value };
   for (const input of document.querySelectorAll('.fields input')) {
     if (input.type === 'checkbox') params[input.name] = input.checked;
     else if (input.value !== '') params[input.name] = Number(input.value);
   }
+  for (const select of document.querySelectorAll('.fields select')) {
+    if (select.value !== '') params[select.name] = select.value;
+  }
+  for (const name of AUDIO_FIELDS) {
+    const file = $(name).files[0];
+    if (file && !$(`${name}-box`).hidden) params[name] = await readAsDataUrl(file);
+  }
   return params;
+}
+
+class InputFileError extends Error {}
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new InputFileError(`Could not read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+// A file picker that also takes a dropped file, and says which file it holds.
+function setUpDrop(box) {
+  const input = box.querySelector('input[type="file"]');
+  const clear = box.querySelector('button.clear');
+  const update = () => {
+    const file = input.files[0];
+    box.querySelector('.chosen').textContent = file ? `${file.name} (${Math.ceil(file.size / 1024)} KB)` : '';
+    clear.hidden = !file;
+  };
+  input.addEventListener('change', update);
+  clear.addEventListener('click', () => { input.value = ''; update(); });
+  box.addEventListener('dragover', (e) => { e.preventDefault(); box.classList.add('over'); });
+  box.addEventListener('dragleave', () => box.classList.remove('over'));
+  box.addEventListener('drop', (e) => {
+    e.preventDefault();
+    box.classList.remove('over');
+    if (e.dataTransfer.files.length) {
+      input.files = e.dataTransfer.files;
+      update();
+    }
+  });
+}
+
+// The melody picker appears only where the loaded model takes a melody (asked again while it loads).
+async function showFeatures() {
+  try {
+    const health = await (await fetch('/health')).json();
+    $('melody-box').hidden = !(health.features && health.features.melody);
+    if (health.status === 'loading') setTimeout(showFeatures, 2000);
+  } catch (e) { /* the form works without the melody picker */ }
 }
 
 function show(text, kind, offerRetry = false) {
@@ -167,11 +230,14 @@ function base64ToBlob(base64, type) {
 }
 
 function showAudio(event) {
+  const format = event.format || 'wav'; // a request without 1.1 fields gets version 1.0's WAV
   if (audioUrl) URL.revokeObjectURL(audioUrl);
-  audioUrl = URL.createObjectURL(base64ToBlob(event.audio, 'audio/wav'));
+  audioUrl = URL.createObjectURL(base64ToBlob(event.audio, MIME_TYPES[format]));
   $('audio').src = audioUrl;
   $('download').href = audioUrl;
-  $('download').download = `musicgen-${event.seed ?? 'clip'}.wav`;
+  $('download').type = MIME_TYPES[format];
+  $('download').download = `musicgen-${event.seed ?? 'clip'}.${format}`;
+  $('download').textContent = `Download ${format.toUpperCase()}`;
   const channels = event.channels === 2 ? 'stereo' : 'mono';
   $('result-info').textContent = `${event.duration} s · ${channels} · seed ${event.seed}`;
   $('result').hidden = false;
@@ -180,7 +246,11 @@ function showAudio(event) {
 function onEvent(event) {
   if (event.event === 'start') {
     setProgress(0);
-    show(`Generating${event.seed !== undefined ? ` (seed ${event.seed})` : ''}…`, 'info');
+    const inputs = [];
+    if (event.audio_prompt) inputs.push(`continuing ${event.audio_prompt.seconds} s of audio`);
+    if (event.melody) inputs.push(`following a ${event.melody.seconds} s melody`);
+    const seed = event.seed !== undefined ? ` (seed ${event.seed})` : '';
+    show(`Generating${seed}${inputs.length ? `, ${inputs.join(', ')}` : ''}…`, 'info');
   } else if (event.event === 'progress') {
     setProgress(event.progress);
   }
@@ -195,16 +265,18 @@ async function generate() {
   setProgress(0);
   $('progress-box').hidden = false;
   $('result').hidden = true;
-  show('Sending the request…', 'info');
+  show('Preparing the request…', 'info');
   try {
     const headers = { 'Content-Type': 'application/json', Accept: 'text/event-stream' };
     const token = $('token').value.trim();
     if (token) headers.Authorization = `Bearer ${token}`;
     sessionStorage.setItem(TOKEN_KEY, token);
+    const request = JSON.stringify(await body());
+    show('Sending the request…', 'info');
     const response = await fetch(API, {
       method: 'POST',
       headers,
-      body: JSON.stringify(body()),
+      body: request,
       signal: controller.signal,
     });
     if (!response.ok) {
@@ -226,6 +298,9 @@ async function generate() {
     if (e.name === 'AbortError') {
       show('Cancelled: the server stopped working on it.', 'info');
       setState('cancelled');
+    } else if (e instanceof InputFileError) {
+      show(`${e.message}: pick it again.`, 'error');
+      setState('error');
     } else {
       show(`Could not reach the server: ${e.message}. Check the connection and try again.`, 'error', true);
       setState('error');
@@ -243,6 +318,8 @@ function init() {
     $('token-box').hidden = false;
   }
   $('form').addEventListener('submit', (e) => { e.preventDefault(); generate(); });
+  document.querySelectorAll('.drop').forEach(setUpDrop);
+  showFeatures();
   $('retry').addEventListener('click', generate);
   $('cancel').addEventListener('click', () => controller && controller.abort());
   $('description').addEventListener('keydown', (e) => {

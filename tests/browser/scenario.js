@@ -7,6 +7,8 @@
 //   cancel    start a 60 s MBD generation, cancel it, time until /health says ready again
 //   busy      (another generation runs) the busy message; once the server is free, Retry generates a clip
 //   token     (the server has MUSICGEN_AUTH_TOKEN=let-me-in) no token, a wrong one, the right one; after a reload
+//   continue  upload ARTIFACTS_DIR/prompt.flac to continue, as MP3: play the result, download it
+//   melody    (a melody model) the melody picker is shown; drop ARTIFACTS_DIR/tune.wav on it and generate
 'use strict';
 
 const fs = require('fs');
@@ -24,7 +26,9 @@ async function launch() {
     executablePath: EXECUTABLE,
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--autoplay-policy=no-user-gesture-required'],
+    acceptDownloads: true,
     viewport: { width: 900, height: 900 },
   });
   return { context, profile };
@@ -57,9 +61,15 @@ async function openPage(context) {
   const consoleErrors = [];
   page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
   page.on('pageerror', (e) => consoleErrors.push(String(e)));
-  await page.goto(baseUrl + '/');
+  // What the page's Content-Security-Policy refused, as the page itself is told (the console says it too).
+  await page.addInitScript(() => {
+    window.cspViolations = [];
+    document.addEventListener('securitypolicyviolation', (e) => window.cspViolations.push(
+      `${e.violatedDirective} ${e.blockedURI}`));
+  });
+  const response = await page.goto(baseUrl + '/');
   await page.waitForSelector('body[data-state="idle"]', { timeout: 30000 });
-  return { page, consoleErrors };
+  return { page, consoleErrors, policy: response.headers()['content-security-policy'] || null };
 }
 
 async function finished(page, timeout = 120000) {
@@ -71,26 +81,24 @@ async function finished(page, timeout = 120000) {
   }));
 }
 
-// What the finished page offers: the <audio> element's duration and the downloadable blob's header.
+// What the finished page offers: the <audio> element's duration and the file its download link saves
+// (clicked, as a user does: the page's policy would rightly refuse a script fetching the blob).
 async function audioResult(page) {
   await page.waitForFunction(() => document.getElementById('audio').readyState >= 1, null, { timeout: 10000 });
-  return page.evaluate(async () => {
-    const link = document.getElementById('download');
-    const bytes = new Uint8Array(await (await fetch(link.href)).arrayBuffer());
-    const ascii = (from, to) => String.fromCharCode(...bytes.slice(from, to));
-    return {
-      audioDuration: document.getElementById('audio').duration,
-      riff: ascii(0, 4),
-      wave: ascii(8, 12),
-      bytes: bytes.length,
-      downloadName: link.download,
-      resultInfo: document.getElementById('result-info').textContent,
-    };
-  });
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
+  const bytes = fs.readFileSync(await download.path());
+  return {
+    audioDuration: await page.evaluate(() => document.getElementById('audio').duration),
+    riff: bytes.toString('latin1', 0, 4),
+    wave: bytes.toString('latin1', 8, 12),
+    bytes: bytes.length,
+    downloadName: download.suggestedFilename(),
+    resultInfo: await page.textContent('#result-info'),
+  };
 }
 
 async function generateScenario(context) {
-  const { page, consoleErrors } = await openPage(context);
+  const { page, consoleErrors, policy } = await openPage(context);
   const form = await page.evaluate(() => [...document.querySelectorAll('.fields input')].map((i) => ({
     name: i.name, type: i.type, min: i.min, max: i.max, value: i.type === 'checkbox' ? i.checked : i.value,
     advanced: !!i.closest('details'),
@@ -112,7 +120,8 @@ async function generateScenario(context) {
   await page.setViewportSize({ width: 375, height: 800 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   await page.screenshot({ path: path.join(artifacts, 'web-phone.png'), fullPage: true });
-  return { form, outcome, audio, progress, phoneOverflowPx: overflow, consoleErrors };
+  const cspViolations = await page.evaluate(() => window.cspViolations);
+  return { form, outcome, audio, progress, phoneOverflowPx: overflow, consoleErrors, policy, cspViolations };
 }
 
 async function invalidScenario(context) {
@@ -182,9 +191,74 @@ async function tokenScenario(context) {
   return { tokenShownAtFirst, missing, wrong, right, audio, kept, afterReload };
 }
 
+// Play the finished clip for a moment: the <audio> element decodes it and its clock moves.
+async function play(page) {
+  await page.waitForFunction(() => document.getElementById('audio').readyState >= 1, null, { timeout: 10000 });
+  return page.evaluate(async () => {
+    const audio = document.getElementById('audio');
+    audio.muted = true;
+    await audio.play();
+    await new Promise((resolve) => setTimeout(resolve, 700));
+    audio.pause();
+    return { duration: audio.duration, playedTo: audio.currentTime, error: audio.error && audio.error.message };
+  });
+}
+
+// Click the download link as a user does; the file lands in ARTIFACTS_DIR under the name the page gave it.
+async function download(page) {
+  const [file] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
+  const saved = path.join(artifacts, `downloaded-${file.suggestedFilename()}`);
+  await file.saveAs(saved);
+  return {
+    name: file.suggestedFilename(), saved, linkText: await page.textContent('#download'),
+    linkType: await page.getAttribute('#download', 'type'),
+  };
+}
+
+async function continueScenario(context) {
+  const { page, consoleErrors } = await openPage(context);
+  const melodyShown = await page.isVisible('#melody');
+  await page.fill('#description', 'the same riff, with drums');
+  await page.fill('#duration', '4');
+  await page.setInputFiles('#audio_prompt', path.join(artifacts, 'prompt.flac'));
+  const chosen = await page.textContent('#audio_prompt-box .chosen');
+  await page.click('summary');
+  await page.selectOption('#format', 'mp3');
+  await page.fill('#seed', '77');
+  const formats = await page.evaluate(() => [...document.getElementById('format').options].map((o) => o.value));
+  const messages = [];
+  await page.exposeFunction('sawMessage', (text) => messages.push(text));
+  await page.evaluate(() => new MutationObserver(() => window.sawMessage(document.getElementById('message')
+    .textContent)).observe(document.getElementById('message'), { childList: true, characterData: true, subtree: true }));
+  await page.click('#generate');
+  const outcome = await finished(page);
+  const result = outcome.state === 'done' ? { played: await play(page), downloaded: await download(page) } : {};
+  await page.screenshot({ path: path.join(artifacts, 'web-continue.png'), fullPage: true });
+  return { melodyShown, chosen, formats, messages, outcome, ...result, consoleErrors };
+}
+
+async function melodyScenario(context) {
+  const { page, consoleErrors } = await openPage(context);
+  await page.waitForSelector('#melody-box:not([hidden])', { timeout: 10000 });
+  // Drop a file on the picker, as from a file manager: a DataTransfer holding the file's bytes.
+  const bytes = [...fs.readFileSync(path.join(artifacts, 'tune.wav'))];
+  await page.evaluate((data) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([new Uint8Array(data)], 'tune.wav', { type: 'audio/wav' }));
+    document.getElementById('melody-box').dispatchEvent(new DragEvent('drop', { dataTransfer: transfer,
+      bubbles: true, cancelable: true }));
+  }, bytes);
+  const chosen = await page.textContent('#melody-box .chosen');
+  await page.fill('#description', 'following a tune');
+  await page.fill('#duration', '2');
+  await page.click('#generate');
+  const outcome = await finished(page);
+  return { chosen, outcome, played: outcome.state === 'done' ? await play(page) : null, consoleErrors };
+}
+
 const SCENARIOS = {
   generate: generateScenario, invalid: invalidScenario, cancel: cancelScenario, busy: busyScenario,
-  token: tokenScenario,
+  token: tokenScenario, continue: continueScenario, melody: melodyScenario,
 };
 
 async function main() {

@@ -1,0 +1,114 @@
+"""End to end at musicgen-small's size with a real-size EnCodec decoder, for scripts/bench.py.
+
+`debug-small` has the real LM's size but a cheap EnCodec, which would hide the decoder's cost: here its codec is
+replaced by transformers' EncodecModel built from facebook/encodec_32khz's configuration (random weights, the
+real 58 M parameters; what audiocraft loads for the released checkpoints). The T5-base text encoder cannot be
+downloaded either (debug-small conditions on a look-up table): a T5-base-sized encoder with random weights is
+timed on a prompt apart and added. Settings are the service's defaults (threads included).
+"""
+
+import functools
+import statistics
+import time
+import typing as tp
+
+import torch
+from audiocraft.models.encodec import HFEncodecCompressionModel
+
+from app import codec, threads
+from app.audio import to_wav
+from app.config import Settings
+from app.model import MusicModel
+from app.params import GenerationParams
+
+# facebook/encodec_32khz's config.json, as transformers reads it.
+ENCODEC_32KHZ = dict(audio_channels=1, chunk_length_s=None, codebook_dim=128, codebook_size=2048, compress=2,
+                     dilation_growth_rate=2, hidden_size=128, kernel_size=7, last_kernel_size=7,
+                     norm_type="weight_norm", normalize=False, num_filters=64, num_lstm_layers=2,
+                     num_residual_layers=1, overlap=None, pad_mode="reflect", residual_kernel_size=3,
+                     sampling_rate=32000, target_bandwidths=[2.2], trim_right_ratio=1.0,
+                     upsampling_ratios=[8, 5, 4, 4], use_causal_conv=False, use_conv_shortcut=False)
+# t5-base's encoder.
+T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
+
+
+def real_size_encodec(seed: int = 0) -> HFEncodecCompressionModel:
+    from transformers import EncodecConfig, EncodecModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EncodecModel(EncodecConfig(**ENCODEC_32KHZ)).eval()
+        for layer in model.quantizer.layers:
+            layer.codebook.embed.normal_()  # zeros (the initial value) decode to silence
+    return HFEncodecCompressionModel(model)
+
+
+def decoder_precisions(seconds: int = 10, reps: int = 3) -> tp.Dict[str, tp.Any]:
+    """The real-size decoder in fp32 and in the service's default precision, round-robin on the same codes."""
+    default = codec.resolve(Settings().decoder_precision, "cpu")
+    variants = {"fp32": real_size_encodec(), default: real_size_encodec()}
+    codec.apply(variants[default], default, "cpu")
+    codes = torch.randint(0, 2048, (1, 4, 50 * seconds), generator=torch.Generator().manual_seed(1))
+    times: tp.Dict[str, tp.List[float]] = {name: [] for name in variants}
+    out = {}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for name, model in variants.items():
+                t = time.perf_counter()
+                out[name] = model.decode(codes)
+                times[name].append(time.perf_counter() - t)
+    error = float((out[default] - out["fp32"]).pow(2).mean() / out["fp32"].pow(2).mean())
+    ratios = [f / d for f, d in zip(times["fp32"], times[default], strict=True)]
+    return {"seconds": seconds, "parameters_m": round(sum(p.numel() for p in variants["fp32"].parameters()) / 1e6, 1),
+            "default": default, "relative_squared_error": float(f"{error:.2e}"),
+            "speedup": round(statistics.median(ratios), 2),
+            "s_per_audio_s": {name: round(statistics.median(ts) / seconds, 3) for name, ts in times.items()}}
+
+
+def t5_encoding(reps: int = 5) -> float:
+    """Seconds to encode a 12-token prompt (and the CFG batch's empty one) with a t5-base-sized encoder."""
+    from transformers import T5Config, T5EncoderModel
+    model = T5EncoderModel(T5Config(**T5_BASE)).eval()
+    tokens = torch.randint(0, T5_BASE["vocab_size"], (2, 12))
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(input_ids=tokens)
+            times.append(time.perf_counter() - t)
+    return round(statistics.median(times[1:]), 3)
+
+
+def _mark(marks: tp.Dict[str, float], stage: str) -> None:
+    """The time each stage last stepped: the last LM step ends the LM, the decoding step the decoding."""
+    marks[stage] = time.perf_counter()
+
+
+def clips(durations: tp.Sequence[int]) -> tp.Dict[str, tp.Any]:
+    """Compute time per stage of each clip, on the service's defaults with the real-size decoder."""
+    settings = Settings(model="debug-small", device="cpu", mbd_model="debug")
+    before = torch.get_num_threads()
+    used = threads.apply(settings.cpu_threads)
+    try:
+        t5 = t5_encoding()
+        model = MusicModel.from_settings(settings)
+        model.musicgen.compression_model = real_size_encodec()
+        decoder = codec.apply(model.musicgen.compression_model, settings.decoder_precision, "cpu")
+        model.generate(GenerationParams(description="warm", duration=1, seed=1), 1, lambda stage: None)
+        out: tp.Dict[str, tp.Any] = {}
+        for duration in durations:
+            marks: tp.Dict[str, float] = {}
+            start = time.perf_counter()
+            wav = model.generate(GenerationParams(description="90s rock song", duration=duration, seed=1234), 1234,
+                                 functools.partial(_mark, marks))
+            generated = time.perf_counter()
+            to_wav(wav, model.sample_rate, settings.normalize)
+            lm, decode = marks["lm"] - start, marks["decode"] - marks["lm"]
+            wav_s = time.perf_counter() - generated
+            total = t5 + lm + decode + wav_s
+            out[f"{duration} s"] = {"t5_s": t5, "lm_s": round(lm, 2), "decode_s": round(decode, 2),
+                                    "wav_s": round(wav_s, 3), "total_s": round(total, 2),
+                                    "s_per_audio_s": round(total / duration, 3),
+                                    "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1)}
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": used, "precision": settings.precision, "decoder": decoder, "clips": out}
