@@ -7,9 +7,12 @@ cost). The convolution stacks see a finite neighbourhood, measured once per code
 (`Plan.of`), so a segment decoded with that much context on both sides equals the full decode; the LSTM's
 memory is not finite, so it runs over the clip once, in order, carrying its state from segment to segment.
 Every frame goes through `body` once plus its context (a few frames per segment), never the whole clip again.
-The interleaved stereo codec decodes its left and right codebooks as two rows of one batch.
+The interleaved stereo codec decodes its left and right codebooks as two rows of one batch. A decoder converted
+to bf16 (app/codec.py: hooks on the whole decoder cast its input and output) is run in its own dtype here too,
+layer by layer, and returns fp32 as it does.
 """
 
+import copy
 import dataclasses
 import typing as tp
 
@@ -34,9 +37,12 @@ def _reach(layers: Layers, channels: int, device: torch.device) -> tp.Tuple[int,
     """(left, right, upsampling): output frame f depends on input frames f - left .. f + right.
 
     Found by changing one input frame and seeing which outputs change, with a generator of its own: the
-    global one belongs to the generation's seed."""
+    global one belongs to the generation's seed. Measured in fp32 (on a copy of bf16 layers): bf16 rounding
+    could hide the faint far end of a footprint."""
     if not layers:
         return 0, 0, 1
+    if any(p.dtype != torch.float32 for layer in layers for p in layer.parameters()):
+        layers = [copy.deepcopy(layer).float() for layer in layers]
     generator = torch.Generator(device).manual_seed(0)
     frames = 8
     while True:
@@ -65,6 +71,7 @@ class Plan:
     body_reach: tp.Tuple[int, int]
     hop: int  # samples per frame
     stereo: bool
+    dtype: torch.dtype = torch.float32  # the decoder's weights' (bf16 after app/codec.py); audio comes out fp32
 
     @classmethod
     def of(cls, codec: CompressionModel) -> "Plan":
@@ -78,15 +85,17 @@ class Plan:
             head, lstm, body = layers[:recurrent[0]], layers[recurrent[0]], layers[recurrent[0] + 1:]
         else:
             head, lstm, body = [], None, layers
-        device = next(mono.parameters()).device
+        weight = next(p for layer in layers for p in layer.parameters())
+        device, dtype = weight.device, weight.dtype
         with torch.no_grad(), _no_autocast(device):
             latent = mono.decode_latent(torch.zeros(1, mono.num_codebooks, 4, dtype=torch.long, device=device))
             h_left, h_right, h_up = _reach(head, latent.shape[1], device)
-            b_left, b_right, hop = _reach(body, _run(head, latent).shape[1], device)
+            b_left, b_right, hop = _reach(body, _run(head, latent.to(dtype)).shape[1], device)
         if h_up != 1:
             raise NotImplementedError("streaming expects the layers before the LSTM to keep the frame rate")
         return cls(mono.decode_latent, head, None if lstm is None else lstm.lstm, getattr(lstm, "skip", True), body,
-                   (h_left, h_right), (b_left, b_right), hop, isinstance(codec, InterleaveStereoCompressionModel))
+                   (h_left, h_right), (b_left, b_right), hop, isinstance(codec, InterleaveStereoCompressionModel),
+                   dtype)
 
     @property
     def lookahead(self) -> int:
@@ -183,7 +192,7 @@ class IncrementalDecoder:
         self._run_lstm(self.frames if final else end + plan.body_reach[1])
         left = max(self.mid_start, start - plan.body_reach[0])
         right = min(self.mid_end, end + plan.body_reach[1])
-        audio = _run(plan.body, self.mid[..., left - self.mid_start:right - self.mid_start])
+        audio = _run(plan.body, self.mid[..., left - self.mid_start:right - self.mid_start]).float()
         audio = audio[..., (start - left) * plan.hop:(end - left) * plan.hop]
         keep = max(self.mid_start, end - plan.body_reach[0])  # the next segment's left context onwards
         self.mid, self.mid_start = self.mid[..., keep - self.mid_start:], keep
@@ -197,7 +206,8 @@ class IncrementalDecoder:
             return
         plan = self.plan
         left, right = max(0, self.mid_end - plan.head_reach[0]), min(self.frames, upto + plan.head_reach[1])
-        x = _run(plan.head, plan.embed(self.codes[..., left:right]))[..., self.mid_end - left:upto - left]
+        latent = plan.embed(self.codes[..., left:right]).to(plan.dtype)
+        x = _run(plan.head, latent)[..., self.mid_end - left:upto - left]
         if plan.lstm is not None:
             y, self.state = plan.lstm(x.permute(2, 0, 1), self.state)
             x = (y + x.permute(2, 0, 1) if plan.skip else y).permute(1, 2, 0)

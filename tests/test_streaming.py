@@ -14,7 +14,7 @@ from audiocraft.models import MusicGen
 from audiocraft.models.encodec import HFEncodecCompressionModel, InterleaveStereoCompressionModel
 from transformers import EncodecConfig, EncodecModel
 
-from app import debug_models
+from app import cuda_graph, debug_models
 from app.audio import DEMO_LOUDNESS
 from app.model import MusicModel
 from app.stream_decode import IncrementalDecoder, Plan
@@ -35,7 +35,7 @@ def one_thread():
 def _built(name: str) -> MusicGen:
     if name == "hf-tiny":  # the real checkpoints' codec architecture (LSTM included), tiny; the LM's 512 codes
         return MusicGen("hf-tiny", tiny_hf_codec(), debug_models.build_lm(card=512))
-    return debug_models.build_musicgen(stereo=name == "debug-stereo")
+    return debug_models.build_musicgen(name)
 
 
 def musicgen(name: str = "debug") -> MusicGen:
@@ -162,6 +162,20 @@ def test_stereo_past_30s_with_the_service_speedups():
     check_stream(run)
     assert len(run.chunks) == 35
     assert model.musicgen.lm.generate is fast_generate  # fast_lm's own wrapper is back in place
+
+
+def test_the_bf16_decoder_and_the_graph_ready_step():
+    """The EnCodec decoder in bf16 (the server's default where the CPU has it) runs layer by layer in bf16 and
+    still gives the full decode's samples; app/cuda_graph.py's step (eager here; the service installs it on
+    CUDA) replaces the LM's `_sample_next_token`, and the tap sees its tokens through it."""
+    model = MusicModel.load("debug", "cpu", "debug", decoder_precision="bf16")
+    lm = model.musicgen.lm
+    assert cuda_graph.install(lm, 1000, graphs=False).startswith("on")
+    graph_step = lm._sample_next_token
+    run = stream_generation(model.musicgen, duration=5.0)
+    assert run.stream.plan.dtype == torch.bfloat16
+    check_stream(run)
+    assert lm._sample_next_token is graph_step
 
 
 @pytest.mark.parametrize("name", ["debug", "hf-tiny"])
