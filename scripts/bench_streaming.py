@@ -33,6 +33,7 @@ from audiocraft.data.audio_utils import normalize_audio  # noqa: E402
 from audiocraft.models.encodec import HFEncodecCompressionModel, InterleaveStereoCompressionModel  # noqa: E402
 from transformers import EncodecConfig, EncodecModel  # noqa: E402
 
+from app import codec as codec_precision  # noqa: E402
 from app.audio import DEMO_LOUDNESS  # noqa: E402
 from app.stream_decode import IncrementalDecoder, Plan  # noqa: E402
 from app.stream_level import Leveler  # noqa: E402
@@ -92,14 +93,18 @@ def _figures(full: torch.Tensor, streamed: tp.Dict[str, tp.Any], hop: int, frame
 
 
 def streaming_costs(durations: tp.Sequence[float] = (10, 30), stereo_durations: tp.Sequence[float] = (10,),
-                    repeats: int = 3, lm_seconds: tp.Sequence[float] = (1.0, 3.2)) -> tp.Dict[str, tp.Any]:
+                    repeats: int = 3, lm_seconds: tp.Sequence[float] = (1.0, 3.2),
+                    decoder_precision: str = "fp32") -> tp.Dict[str, tp.Any]:
     """Per case: seconds of one full decode and of streaming (decode + level), their ratio, the longest stall of
-    the LM at a chunk, exactness and seam figures, and the added share of a whole job's time."""
-    results: tp.Dict[str, tp.Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "cases": {}}
+    the LM at a chunk, exactness and seam figures, and the added share of a whole job's time. `decoder_precision`
+    as MUSICGEN_DECODER_PRECISION (app/codec.py; `auto` is bf16 where the CPU has it natively)."""
+    results: tp.Dict[str, tp.Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "cases": {},
+                                     "decoder_precision": decoder_precision}
     for stereo, cases in ((False, durations), (True, stereo_durations)):
         if not cases:
             continue
         codec = real_size_codec(stereo)
+        results["decoder_precision"] = codec_precision.apply(codec, decoder_precision, "cpu")
         started = time.perf_counter()
         plan = Plan.of(codec)
         results["plan_seconds"] = round(time.perf_counter() - started, 3)
@@ -135,9 +140,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--decoder-precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--durations", type=float, nargs="*", default=[10, 30], help="mono clips, seconds")
+    parser.add_argument("--stereo-durations", type=float, nargs="*", default=[10], help="stereo clips, seconds")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    results = streaming_costs(repeats=1 if args.quick else 3)
+    results = streaming_costs(args.durations, args.stereo_durations, repeats=1 if args.quick else 3,
+                              decoder_precision=args.decoder_precision)
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
