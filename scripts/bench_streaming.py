@@ -6,7 +6,8 @@ facebook/encodec_32khz is configured, random weights, codebooks filled), on one 
     .venv/bin/python scripts/bench_streaming.py            # 10 s and 30 s mono, 10 s stereo, 3 repeats (~5 min)
     .venv/bin/python scripts/bench_streaming.py --quick    # 1 repeat
 
-`streaming_costs()` is the section scripts/bench.py can call. Frames are pushed one at a time, as the LM
+`streaming_costs()` (decoding alone) and `streamed_clips()` (whole jobs at musicgen-small size, with and without
+streaming) are sections scripts/bench.py calls. Frames are pushed one at a time, as the LM
 completes them; full and streamed decodes alternate (the cores are shared: paired ratios, not absolute times).
 The job-time figure assumes an LM that takes `lm_seconds` per second of audio: 1.0 is real time (20 ms/step at
 50 Hz), 3.2 is the default speed-ups measured on this machine (64 ms/step).
@@ -134,6 +135,65 @@ def streaming_costs(durations: tp.Sequence[float] = (10, 30), stereo_durations: 
                                        for lm in lm_seconds},
                 **_figures(full, streams[-1], plan.hop, frame_rate, rate)}
     return results
+
+
+def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> tp.Dict[str, tp.Any]:
+    """Whole jobs as the service runs them (debug-small: musicgen-small's LM size; the real-size EnCodec; the
+    service's defaults and threads), each clip with and without `stream_audio`, alternating, same seed (streaming
+    draws no random numbers: the same music): time to first audio and to the finished WAV, and the cost of
+    streaming as the paired ratio of the times to the WAV. The text encoder is not included (the same for both)."""
+    from app import threads
+    from app.audio import pcm16, to_wav
+    from app.config import Settings
+    from app.model import MusicModel
+    from app.params import GenerationParams
+    from scripts.bench_e2e import real_size_encodec
+
+    settings = Settings(model="debug-small", device="cpu", mbd_model="debug")
+    before = torch.get_num_threads()
+    used = threads.apply(settings.cpu_threads)
+    try:
+        model = MusicModel.from_settings(settings)
+        model.musicgen.compression_model = real_size_encodec()
+        decoder = codec_precision.apply(model.musicgen.compression_model, settings.decoder_precision, "cpu")
+        model.plan_streaming()  # for the codec now in place
+        model.generate(GenerationParams(description="warm", duration=1), 1, lambda stage: None)
+        out: tp.Dict[str, tp.Any] = {}
+        for duration in durations:
+            params = GenerationParams(description="90s rock song", duration=duration, seed=1234)
+            runs: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {"plain": [], "streamed": []}
+            for _ in range(repeats):
+                for kind in runs:
+                    runs[kind].append(_job(model, params, settings.normalize, kind == "streamed", pcm16, to_wav))
+            plain, streamed = runs["plain"], runs["streamed"]
+            ratios = [s["completed_s"] / p["completed_s"] for s, p in zip(streamed, plain, strict=True)]
+            out[f"{duration} s"] = {
+                "first_audio_s": round(statistics.median(s["first_audio_s"] for s in streamed), 2),
+                "completed_streamed_s": round(statistics.median(s["completed_s"] for s in streamed), 2),
+                "completed_plain_s": round(statistics.median(p["completed_s"] for p in plain), 2),
+                "chunks": streamed[-1]["chunks"],
+                "streaming_cost": round(statistics.median(ratios) - 1, 4),
+                "ratios_per_repeat": [round(r, 4) for r in ratios]}
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": used, "precision": settings.precision, "decoder": decoder, "repeats": repeats, "clips": out}
+
+
+def _job(model: tp.Any, params: tp.Any, level: str, stream: bool, pcm16: tp.Callable[..., bytes],
+         to_wav: tp.Callable[..., bytes]) -> tp.Dict[str, float]:
+    """One job to its WAV; streamed, its chunks converted to the events' 16-bit PCM as the service does."""
+    started = time.perf_counter()
+    first: tp.List[float] = []
+
+    def on_audio(chunk: torch.Tensor, start: int) -> None:
+        pcm16(chunk)
+        first.append(time.perf_counter() - started)
+
+    extra = {"on_audio": on_audio, "level": level} if stream else {}
+    wav = model.generate(params, params.seed, lambda stage: None, **extra)
+    to_wav(wav, model.sample_rate, level)
+    return {"completed_s": time.perf_counter() - started, "first_audio_s": first[0] if first else float("nan"),
+            "chunks": len(first)}
 
 
 def main() -> None:
