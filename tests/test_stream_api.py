@@ -156,3 +156,17 @@ def test_a_stereo_model_streams_interleaved_stereo(stereo_server):
     joined = check_contiguous(stream)
     assert np.abs(joined - stream.clip).max() <= 1 / 32768
     assert np.abs(joined[:, 0] - joined[:, 1]).max() > 1e-3  # two channels, not one twice
+    # after a stereo prompt, with the default level
+    stream = streamed(stereo_server.url, channels=2, duration=4, seed=1, audio_prompt=wav64(1.5, channels=2))
+    check_contiguous(stream, first_sample=38 * 1280)  # the prompt as EnCodec frames it: 37.5 -> 38 frames of 25 Hz
+
+
+def test_a_melody_model_streams_a_melody_and_a_prompt_at_once():
+    """The path that runs audiocraft's steps itself (`_generate_tokens`, then `generate_audio`) streams too."""
+    with Server({"MUSICGEN_MODEL": "debug-melody"}) as server:
+        server.wait()
+        stream = streamed(server.url, duration=4, seed=2, melody=wav64(3.0, freq=330.0), audio_prompt=wav64(2.0),
+                          normalization="clip")
+    assert stream.received[0]["melody"] == {"seconds": 3.0}
+    joined = check_contiguous(stream, first_sample=2 * RATE)
+    assert np.abs(joined - stream.clip[2 * RATE:]).max() <= 1 / 32768
