@@ -15,7 +15,7 @@ from audiocraft.models.encodec import HFEncodecCompressionModel, InterleaveStere
 from transformers import EncodecConfig, EncodecModel
 
 from app import cuda_graph, debug_models
-from app.audio import DEMO_LOUDNESS
+from app.audio import DEMO_LOUDNESS, pcm16, to_wav
 from app.model import MusicModel
 from app.stream_decode import IncrementalDecoder, Plan
 from app.stream_level import FALL_DB_PER_S, RISE_DB_PER_S, Leveler
@@ -273,3 +273,12 @@ def test_level_measures_as_the_final_normalization_and_moves_slowly():
 def test_level_leaves_silence_and_clip_mode_alone():
     assert torch.equal(Leveler(32000)(torch.zeros(1, 32000)), torch.zeros(1, 32000))
     assert Leveler(32000, strategy="clip")(torch.tensor([[0.5, 2.0, -3.0]])).tolist() == [[0.5, 1.0, -1.0]]
+
+
+def test_pcm16_gives_the_samples_of_the_wav_file():
+    """Audio events carry exactly the samples the completed WAV holds for the same waveform."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        wav = torch.cat([torch.rand(2, 50000) * 2 - 1, torch.tensor([[1.0, -1.0, 0.5, 1 / 65536]] * 2)], dim=-1)
+    data = to_wav(wav, 32000, strategy="clip")
+    assert data[-wav.numel() * 2:] == pcm16(wav)
