@@ -186,7 +186,7 @@ def test_long_generation_streams_live_and_its_large_completed_event_arrives_inta
 
 
 def test_streamed_audio_arrives_through_the_shipped_site_as_it_is_made(idle_server, nginx):
-    """Each `audio` event (170 kB of base64 a second at 32 kHz stereo; 43 kB here) passes nginx unbuffered: the
+    """Each `audio` event (85 kB of base64 per second of mono at 32 kHz, 171 kB stereo) passes nginx unbuffered: the
     client hears the music while the job runs, not all of it at the end."""
     proxy = nginx([idle_server.port])
     started = time.monotonic()
