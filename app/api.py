@@ -74,5 +74,6 @@ def health() -> Response:
         channels=model.channels if model else None,
         error=service.load_error,
         uptime_seconds=round(time.time() - service.started_at, 1),
-        features={"melody": bool(model and model.melody), "audio_prompt": True, "formats": list(FORMATS)},
+        features={"melody": bool(model and model.melody), "audio_prompt": True,
+                  "stream_audio": bool(model and model.streams), "formats": list(FORMATS)},
     )

@@ -69,6 +69,13 @@ def to_wav(wav: torch.Tensor, sample_rate: int, strategy: str = "loudness") -> b
     return encode(wav, sample_rate, "wav", strategy)
 
 
+def pcm16(wav: torch.Tensor) -> bytes:
+    """A `[channels, samples]` float waveform within [-1, 1] as 16-bit little-endian interleaved PCM, scaled and
+    rounded (down) as libsndfile writes the WAV files above, so that equal samples give equal bytes."""
+    samples = (wav.detach().float().cpu() * 32768).floor().clamp(-32768, 32767).to(torch.int16)
+    return samples.t().contiguous().numpy().astype("<i2", copy=False).tobytes()
+
+
 def normalize(wav: torch.Tensor, sample_rate: int, strategy: str) -> torch.Tensor:
     """The waveform at its final level, within [-1, 1]; silent or non-finite output becomes silence."""
     wav = torch.nan_to_num(wav.detach().float().cpu())

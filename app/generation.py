@@ -9,6 +9,7 @@ belong to the thread that first used them, and a fresh thread per job ran 2.5-3x
 import base64
 import dataclasses
 import gc
+import itertools
 import logging
 import queue
 import secrets
@@ -19,7 +20,7 @@ import typing as tp
 import torch
 
 from . import threads
-from .audio import encode
+from .audio import encode, pcm16
 from .model import ModelLoadError
 from .params import MAX_SEED, AudioClip, GenerationParams, UnsupportedRequest
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 # call; diffusion makes 20 U-Net passes per band over the whole clip.
 SHARES = {"lm": 0.97, "decode": 0.03}
 SHARES_MBD = {"lm": 0.70, "decode": 0.02, "diffusion": 0.28}
+# Streaming audio decodes during the LM's steps: the final decode is only the clip's last second.
+SHARES_STREAM = {"lm": 0.99, "decode": 0.01}
 MIN_PROGRESS_INTERVAL = 0.05  # seconds: at most ~20 progress events a second
 BUSY = "another generation is running; try again later"
 
@@ -53,12 +56,15 @@ class Model(tp.Protocol):
     sample_rate: int
     channels: int
     melody: bool  # the model follows a melody
+    streams: bool  # the model can stream its audio while it is made (`generate`'s `on_audio`)
 
     def check(self, params: GenerationParams) -> None: ...
     def ensure_mbd(self) -> tp.Any: ...
     def lm_steps(self, duration: float, prompt: tp.Optional[AudioClip] = None) -> int: ...
     def diffusion_steps(self) -> int: ...
-    def generate(self, params: GenerationParams, seed: int, on_step: tp.Callable[[str], None]) -> torch.Tensor: ...
+    def generate(self, params: GenerationParams, seed: int, on_step: tp.Callable[[str], None],
+                 on_audio: tp.Optional[tp.Callable[[torch.Tensor, int], None]] = None,
+                 level: str = "loudness") -> torch.Tensor: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -308,7 +314,7 @@ class GenerationService:
         totals = {"lm": model.lm_steps(params.duration, params.audio_prompt), "decode": 1}
         if params.mbd:
             totals["diffusion"] = model.diffusion_steps()
-        progress = Progress(totals, SHARES_MBD if params.mbd else SHARES)
+        progress = Progress(totals, SHARES_MBD if params.mbd else SHARES_STREAM if params.stream_audio else SHARES)
 
         def on_step(stage: str) -> None:
             if job.cancelled.is_set():
@@ -318,10 +324,25 @@ class GenerationService:
                 job.events.put({"event": "progress", "progress": percent})
 
         started = time.monotonic()
-        wav = model.generate(params, job.seed, on_step)
+        # Only a streamed job passes the streaming arguments: a model without streaming never sees them.
+        stream = {"on_audio": self._audio_events(job), "level": self._normalization(params)} \
+            if params.stream_audio else {}
+        wav = model.generate(params, job.seed, on_step, **stream)
         job.lm_steps, job.seconds = totals["lm"], time.monotonic() - started
         log.info("generated %d s (mbd=%s, seed=%d) in %.1f s", params.duration, params.mbd, job.seed, job.seconds)
         return wav
+
+    def _audio_events(self, job: Job) -> tp.Callable[[torch.Tensor, int], None]:
+        """`on_audio` for a job: each chunk becomes an `audio` event, queued like progress (the queue never blocks
+        this thread, however slowly the client reads)."""
+        rate, numbers = self.model.sample_rate, itertools.count()
+
+        def on_audio(chunk: torch.Tensor, start: int) -> None:
+            if job.cancelled.is_set():
+                raise Cancelled(job.reason)
+            job.events.put({"event": "audio", "seq": next(numbers), "start": start / rate,
+                            "pcm": base64.b64encode(pcm16(chunk)).decode()})
+        return on_audio
 
     def _normalization(self, params: GenerationParams) -> str:
         return params.normalization or self._normalize
@@ -332,6 +353,7 @@ class GenerationService:
             return {}
         clips = {"melody": params.melody, "audio_prompt": params.audio_prompt}
         return {"format": params.output_format, "normalization": self._normalization(params),
+                "stream_audio": bool(params.stream_audio),
                 **{name: None if clip is None else {"seconds": round(clip.seconds, 3)} for name, clip in clips.items()}}
 
     def _describe(self, job: Job) -> tp.Dict[str, tp.Any]:

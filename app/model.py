@@ -31,6 +31,8 @@ from . import debug_models, fast_lm
 from . import precision as lm_precision
 from .config import Settings
 from .params import MIN_CONTINUATION_SECONDS, AudioClip, GenerationParams, UnsupportedRequest
+from .stream_decode import Plan
+from .streaming import AudioStream, OnAudio
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ TRUSTED_TYPES_SETTING = "MUSICGEN_TRUSTED_CHECKPOINT_TYPES"
 
 # audiocraft's NoiseSchedule.generate_subsampled walks 20 denoising steps per band by default.
 DIFFUSION_STEPS_PER_BAND = 20
+# Streamed audio (stream_audio): the first chunk once this much music exists, then one per this much.
+STREAM_CHUNK_SECONDS = 1.0
 
 Step = tp.Callable[[str], None]
 
@@ -162,6 +166,8 @@ class MusicModel:
         self.device: str = str(musicgen.device)
         self.sample_rate: int = musicgen.sample_rate
         self.channels: int = musicgen.audio_channels
+        self.stream_plan: tp.Optional[Plan] = None  # how to decode as the tokens come (`plan_streaming`)
+        self.stream_refusal: tp.Optional[str] = "not planned yet"  # or why this model's codec cannot stream
 
     @classmethod
     def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
@@ -186,6 +192,7 @@ class MusicModel:
             lm, cross_kv_cache, static_kv_cache, packed_weights, int8_weights=resolved == "int8-dynamic"))
         log.info("EnCodec decoder precision %s",
                  decoder_codec.apply(model.musicgen.compression_model, decoder_precision, device))
+        log.info("streamed audio: %s", model.plan_streaming())
         if cuda_graph and device.startswith("cuda"):
             mg = model.musicgen  # buffers for the longest window audiocraft generates at once
             capacity = lm.pattern_provider.get_pattern(int(mg.max_duration * mg.frame_rate)).num_sequence_steps
@@ -216,6 +223,27 @@ class MusicModel:
         conditioners = self.musicgen.lm.condition_provider.conditioners.values()
         return any(isinstance(conditioner, ChromaStemConditioner) for conditioner in conditioners)
 
+    def plan_streaming(self) -> str:
+        """Measure how to decode this model's codec incrementally (app/stream_decode.py: about half a second for
+        the real EnCodec, so once, at load, on the decoder as it will run); returns what it found, for the log."""
+        try:
+            self.stream_plan, self.stream_refusal = Plan.of(self.musicgen.compression_model), None
+        except NotImplementedError as e:
+            self.stream_plan, self.stream_refusal = None, str(e)
+            return f"unavailable ({e})"
+        plan = self.stream_plan
+        return f"{plan.lookahead} frame(s) of look-ahead, LSTM {'carried' if plan.lstm is not None else 'none'}"
+
+    @property
+    def streams(self) -> bool:
+        """Whether the model can stream its audio while it is made (`stream_audio`)."""
+        return self.stream_plan is not None
+
+    def _check_streams(self) -> None:
+        if not self.streams:
+            raise UnsupportedRequest(
+                f"stream_audio: the loaded model ({self.name}) cannot stream its audio: {self.stream_refusal}")
+
     def ensure_mbd(self) -> MultiBandDiffusion:
         if self.mbd is None:
             codec = self.musicgen.compression_model
@@ -232,6 +260,8 @@ class MusicModel:
             raise UnsupportedRequest(
                 f"melody: the loaded model ({self.name}) does not take a melody; melody models are "
                 "facebook/musicgen-melody, -melody-large and -stereo-melody(-large) (GET /health: features.melody)")
+        if params.stream_audio:
+            self._check_streams()
         longest = self.musicgen.max_duration - MIN_CONTINUATION_SECONDS
         if params.audio_prompt is not None and params.audio_prompt.seconds > longest:
             raise UnsupportedRequest(
@@ -272,11 +302,15 @@ class MusicModel:
         bands = len(self.mbd.DPs) if self.mbd is not None else debug_models.MBD_BANDS
         return bands * DIFFUSION_STEPS_PER_BAND
 
-    def generate(self, params: GenerationParams, seed: int, on_step: Step) -> torch.Tensor:
+    def generate(self, params: GenerationParams, seed: int, on_step: Step, on_audio: tp.Optional[OnAudio] = None,
+                 level: str = "loudness") -> torch.Tensor:
         """Generate one clip and return it as a `[channels, samples]` float tensor on the CPU.
 
         `on_step(stage)` runs after every LM step ("lm"), after EnCodec decoding ("decode") and after
-        every diffusion step ("diffusion"); raising from it aborts the generation there.
+        every diffusion step ("diffusion"); raising from it aborts the generation there. With `on_audio`,
+        the clip's new music also goes to `on_audio(chunk, first sample)` while the LM makes it, a second at a
+        time, decoded with EnCodec (with `mbd` too) and levelled with `level` (app/streaming.py); EnCodec's
+        clip is then assembled from those chunks instead of being decoded again.
         """
         mg = self.musicgen
         mg.set_generation_params(use_sampling=params.temperature > 0, top_k=params.top_k, top_p=params.top_p,
@@ -285,7 +319,11 @@ class MusicModel:
         mg.set_custom_progress_callback(lambda done, total: on_step("lm"))
         torch.manual_seed(seed)  # seeds CUDA too; MBD's noise is drawn from the same generators
         with torch.inference_mode():
-            wav, tokens = self._generate(params)
+            with contextlib.ExitStack() as stream:
+                if on_audio is not None:
+                    self._check_streams()
+                    stream.enter_context(AudioStream(mg, on_audio, STREAM_CHUNK_SECONDS, self.stream_plan, level))
+                wav, tokens = self._generate(params)
             on_step("decode")
             if params.mbd:
                 wav = self._decode_mbd(tokens, on_step)

@@ -48,6 +48,7 @@ _INPUTS = {  # only when the request used a version 1.1 field: what the job runs
                                                                                    "when the request had none)."},
     "melody": {**_CLIP, "description": "null, or the melody's decoded length."},
     "audio_prompt": {**_CLIP, "description": "null, or the decoded length of the audio the clip continues."},
+    "stream_audio": {"type": "boolean", "description": "Whether `audio` events stream the music as it is made."},
 }
 
 EVENTS = {
@@ -55,6 +56,18 @@ EVENTS = {
         "model": {"type": "string"}, **_DESCRIBED, "mbd": {"type": "boolean"}, **_INPUTS}),
     "ProgressEvent": _event("progress", "Share of the whole job done; never goes backwards.", {
         "progress": {"type": "number", "minimum": 0, "maximum": 100}}, ["progress"]),
+    "AudioEvent": _event("audio", "Only with `stream_audio`: the next piece of the music, as it is made, between "
+                                  "progress events. Chunks cover the newly generated music (after an "
+                                  "`audio_prompt`) back to back, without gaps or overlaps: about a second each, the "
+                                  "first once about a second of music exists. Decoded with EnCodec (also with `mbd`) "
+                                  "at a steady level; `completed` remains the reference rendition.", {
+        "seq": {"type": "integer", "minimum": 0, "description": "0, 1, 2, ... in order."},
+        "start": {"type": "number", "minimum": 0,
+                  "description": "Seconds from the clip's start (an audio prompt included) of the chunk's first "
+                                 "sample; `start` times the sample rate is a whole number of samples."},
+        "pcm": {"type": "string", "contentEncoding": "base64",
+                "description": "16-bit signed little-endian PCM, channels interleaved, at the model's `sample_rate` "
+                               "and `channels` (those of `start`)."}}, ["seq", "start", "pcm"]),
     "CompletedEvent": _event("completed", "Terminal: the audio.", {
         "audio": {"type": "string", "contentEncoding": "base64",
                   "description": "The clip as a base64 audio file at 32000 Hz: WAV (16-bit signed PCM) unless the "
@@ -66,7 +79,8 @@ EVENTS = {
 
 STREAM_DESCRIPTION = (
     "Server-Sent Events. Every message is one line `data: <JSON>` followed by a blank line; the JSON is a "
-    "`StreamEvent`: one `start`, then `progress` events, then exactly one terminal `completed` or `error`, "
+    "`StreamEvent`: one `start`, then `progress` events (and, with `stream_audio`, `audio` events), then "
+    "exactly one terminal `completed` or `error`, "
     "then the stream ends. Between messages the server writes comment messages (`: keep-alive`), which "
     "clients ignore. Closing the connection cancels the generation; the slot is free within 2 s.")
 
@@ -188,6 +202,8 @@ def document() -> tp.Dict[str, tp.Any]:
             "features": {"type": "object", "description": "What the loaded model can do.", "properties": {
                 "melody": {"type": "boolean", "description": "It takes a `melody` (a melody model)."},
                 "audio_prompt": {"type": "boolean", "description": "It continues an `audio_prompt`."},
+                "stream_audio": {"type": "boolean", "description": "It streams its audio while it is made "
+                                                                   "(`stream_audio`)."},
                 "formats": {"type": "array", "items": {"enum": list(FORMATS)}}}}}},
     }
     return {

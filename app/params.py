@@ -50,6 +50,7 @@ class GenerationParams:
     audio_prompt: tp.Optional[AudioClip] = None  # the clip begins with this audio and continues it
     format: tp.Optional[str] = None  # wav, flac, mp3 or ogg; None: WAV, and events exactly as in version 1.0
     normalization: tp.Optional[str] = None  # loudness, peak, rms or clip; None: the server's MUSICGEN_NORMALIZE
+    stream_audio: tp.Optional[bool] = None  # also stream the audio while it is made; None: no (as false)
 
     def __post_init__(self) -> None:
         prompt = self.audio_prompt
@@ -66,7 +67,8 @@ class GenerationParams:
     @property
     def uses_audio_features(self) -> bool:
         """Whether the request used a version 1.1 field; only then do its events carry the 1.1 fields."""
-        return any(value is not None for value in (self.melody, self.audio_prompt, self.format, self.normalization))
+        return any(value is not None for value in (self.melody, self.audio_prompt, self.format, self.normalization,
+                                                   self.stream_audio))
 
 
 DEFAULTS = GenerationParams(description="")

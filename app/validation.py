@@ -59,6 +59,9 @@ class GenerateParams(pydantic.BaseModel):
     normalization: tp.Optional[tp.Literal[NORMALIZATIONS]] = Field(
         DEFAULTS.normalization, description="How the clip's level is set: loudness, peak, rms or clip. Absent: the "
                                             "server's MUSICGEN_NORMALIZE.")
+    stream_audio: tp.Optional[bool] = Field(
+        DEFAULTS.stream_audio, description="Also stream the music while it is made, as audio events (16-bit PCM, "
+                                           "about a second each) between the progress events. Absent: false.")
 
 
 def parse_request(body: bytes, read_audio: tp.Optional[ReadAudio] = None) -> GenerationParams:

@@ -50,6 +50,7 @@ from scripts.bench_e2e import clips, decoder_precisions  # noqa: E402
 from scripts.bench_lm import decode_costs, lm_step_comparison, long_context_probe, peaked_drift  # noqa: E402
 from scripts.bench_report import write_report  # noqa: E402
 from scripts.bench_service import debug_durations, end_to_end, service_latencies  # noqa: E402
+from scripts.bench_streaming import streamed_clips  # noqa: E402
 from scripts.bench_threads import contention  # noqa: E402
 
 
@@ -105,6 +106,7 @@ def main() -> None:
     results["decode_costs"] = decode_costs(results["lm_steps"], results["long_context"])
     section("decoder", lambda: decoder_precisions(seconds=2 if quick else 10))
     section("real_codec_clips", lambda: clips([2] if quick else [10, 30]))
+    section("streaming", lambda: streamed_clips([2] if quick else [10, 30], repeats=1 if quick else 2))
     section("debug_durations", lambda: debug_durations([1, 5] if quick else [1, 5, 10, 20, 30, 45, 60]))
     section("end_to_end", lambda: end_to_end(
         {"debug": [1, 5] if quick else [1, 5, 10], "debug-small": [1] if quick else [1, 2]},

@@ -18,7 +18,7 @@ def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
 
 
 SECTIONS = ("cpu", "contention", "lm_steps", "peaked_drift", "long_context", "decoder", "real_codec_clips",
-            "debug_durations", "end_to_end", "service")
+            "streaming", "debug_durations", "end_to_end", "service")
 
 
 def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
@@ -52,6 +52,7 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         *_long_context_part(r),
         *_contention_part(r),
         *_real_codec_part(r),
+        *_streaming_part(r),
         *_service_parts(r),
         f"![plots]({png.name})",
         "",
@@ -243,6 +244,25 @@ def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                 "compute s per audio s"],
                [[k, v["t5_s"], v["lm_s"], v["lm_ms_per_step"], v["decode_s"], v["wav_s"], v["total_s"],
                  v["s_per_audio_s"]] for k, v in c["clips"].items()]),
+        "",
+    ]
+
+
+def _streaming_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "streaming" not in r:
+        return []
+    c = r["streaming"]
+    return [
+        "## Audio while it is made (`stream_audio`)",
+        "",
+        f"The same whole jobs (musicgen-small-sized LM, real-size EnCodec, LM {c['precision']}, decoder "
+        f"{c['decoder']}, {c['threads']} torch thread(s); text encoding not included) with and without streaming, "
+        f"alternating, same seed, {c['repeats']} repeat(s): time to the first audio event and to the finished "
+        "WAV. The cost is the median paired ratio of the times to the WAV, less one (goal: at most 5 %).",
+        "",
+        _table(["clip", "first audio s", "WAV, streamed s", "WAV, not streamed s", "chunks", "cost of streaming"],
+               [[k, v["first_audio_s"], v["completed_streamed_s"], v["completed_plain_s"], v["chunks"],
+                 f"{100 * v['streaming_cost']:+.1f} %"] for k, v in c["clips"].items()]),
         "",
     ]
 

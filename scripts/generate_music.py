@@ -6,6 +6,7 @@ Standard library only (Python 3.8+), so it can be copied anywhere; installed wit
 
     musicgen-generate "lo-fi beat with mellow piano" --duration 10 -o beat.wav --url http://127.0.0.1:5555
     musicgen-generate "add drums and bass" --continue riff.flac --duration 20 -o song.mp3
+    musicgen-generate "slow jazz" --duration 30 --stream -o jazz.wav    # play jazz.wav while it grows
 
 Exit codes:
     0    the audio was saved
@@ -22,6 +23,7 @@ import contextlib
 import http.client
 import json
 import os
+import struct
 import sys
 import time
 import typing as tp
@@ -40,7 +42,12 @@ PARAMETERS = [
     ("temperature", float, 1.0, 0.0, 10.0, "softmax temperature; 0 is greedy decoding"),
     ("cfg_coef", float, 3.0, 0.0, 30.0, "classifier-free guidance coefficient"),
     ("seed", int, None, 0, 2**32 - 1, "same seed, same audio"),
+    ("stream_audio", bool, None, None, None, "hear it while it is made: the output grows as the music arrives, a "
+                                             "playable 16-bit WAV at every moment (a non-WAV output's growing WAV is "
+                                             "OUTPUT.live.wav until the final file is saved); prints the time to "
+                                             "first audio"),
 ]
+FLAGS = {"stream_audio": "--stream"}  # where a flag is not the field's name
 # Fields with a fixed set of values: (name, values, help); absent, the server decides.
 CHOICES = [
     ("format", ("wav", "flac", "mp3", "ogg"), "the audio file's format (default: the extension of -o, else wav)"),
@@ -82,7 +89,7 @@ def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace
     parser.add_argument("description", help=f"what the music should sound like (at most {MAX_DESCRIPTION_CHARS} "
                                             "characters)")
     for name, kind, default, low, high, text in PARAMETERS:
-        flag = "--" + name.replace("_", "-")
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
         if kind is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
         else:
@@ -118,6 +125,8 @@ def parse_args(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace
         args.format = extension
     elif args.format is not None and extension and extension != args.format and args.output != "-":
         parser.error(f"--format {args.format} but the output file ends in .{extension}")
+    if args.stream_audio and args.output == "-":
+        parser.error("--stream writes a file that grows: not with -o -")
     for name, flag, _ in AUDIO_FILES:
         if getattr(args, name) is not None and not os.path.isfile(getattr(args, name)):
             parser.error(f"{flag}: no such file: {getattr(args, name)}")
@@ -164,6 +173,75 @@ class ProgressBar:
             self.shown = -1.0
 
 
+class GrowingWav:
+    """A 16-bit PCM WAV file written as chunks arrive; its header is rewritten after each, so the file is a whole,
+    playable WAV of everything so far at every moment (opened per chunk: nothing is held between them)."""
+
+    def __init__(self, path: str, rate: int, channels: int):
+        self.path, self.rate, self.channels = path, rate, channels
+        self.size = 0
+        with open(path, "wb") as f:
+            self._header(f)
+
+    def append(self, pcm: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(44 + self.size)
+            f.write(pcm)
+            self.size += len(pcm)
+            self._header(f)
+
+    def _header(self, f: tp.BinaryIO) -> None:
+        block = 2 * self.channels
+        f.seek(0)
+        f.write(b"RIFF" + struct.pack("<I", 36 + self.size) + b"WAVEfmt "
+                + struct.pack("<IHHIIHH", 16, 1, self.channels, self.rate, self.rate * block, block, 16)
+                + b"data" + struct.pack("<I", self.size))
+
+
+class Live:
+    """`--stream`: the `audio` events into a growing WAV, checked to follow each other; says when audio begins."""
+
+    def __init__(self, args: argparse.Namespace, bar: ProgressBar, started: float):
+        self.args, self.bar, self.started = args, bar, started
+        self.wav: tp.Optional[GrowingWav] = None
+        self.final = ""  # where the completed file goes
+        self.expected = (0, -1)  # (seq, first sample) the next chunk must have; -1: any (the first one)
+
+    def begin(self, start: tp.Dict[str, tp.Any]) -> None:
+        self.final = path = output_path(self.args, start)
+        if start.get("format", "wav") != "wav":
+            path += ".live.wav"
+        try:
+            self.wav = GrowingWav(path, int(start.get("sample_rate", 32000)), int(start.get("channels", 1)))
+        except OSError as e:
+            raise Failure(EXIT_BAD_REQUEST, f"cannot write {path}: {e}") from None
+
+    def add(self, event: tp.Dict[str, tp.Any]) -> None:
+        wav = self.wav
+        if wav is None:
+            raise ValueError("an audio event before the start event")
+        pcm = base64.b64decode(event["pcm"])
+        first = round(float(event["start"]) * wav.rate)
+        seq, expected = self.expected
+        if event.get("seq") != seq or expected not in (-1, first) or len(pcm) % (2 * wav.channels):
+            raise ValueError(f"audio chunk {event.get('seq')} does not follow chunk {seq - 1}")
+        if seq == 0:
+            self.bar.end()
+            say(self.args, f"first audio after {time.monotonic() - self.started:.1f} s: {wav.path} grows as the "
+                           "music is made")
+        wav.append(pcm)
+        self.expected = (seq + 1, first + len(pcm) // (2 * wav.channels))
+
+    def close(self, saved: bool) -> None:
+        """Close the growing file; it goes once the final file is saved elsewhere, or if no final file came."""
+        if self.wav is None:
+            return
+        if not saved or self.wav.path != self.final:
+            with contextlib.suppress(OSError):
+                os.unlink(self.wav.path)
+        self.wav = None
+
+
 def say(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
         print(text, file=sys.stderr, flush=True)
@@ -194,9 +272,10 @@ def _answer_message(response: http.client.HTTPResponse) -> str:
         return text.strip()[:500] or response.reason
 
 
-def attempt(args: argparse.Namespace, bar: ProgressBar,
-            body: bytes) -> tp.Tuple[tp.Optional[float], tp.Dict[str, tp.Any]]:
-    """One request: (None, completed event), or (seconds to wait, {}) when busy; raises Failure otherwise."""
+def attempt(args: argparse.Namespace, bar: ProgressBar, body: bytes,
+            live: tp.Optional[Live] = None) -> tp.Tuple[tp.Optional[float], tp.Dict[str, tp.Any]]:
+    """One request: (None, completed event), or (seconds to wait, {}) when busy; raises Failure otherwise.
+    With `live` (--stream), the audio events go to its growing file."""
     url = urllib.parse.urlsplit(args.url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise Failure(EXIT_BAD_REQUEST, f"--url must be http(s)://host[:port], not {args.url!r}")
@@ -224,6 +303,10 @@ def attempt(args: argparse.Namespace, bar: ProgressBar,
         for event in events(response):
             if event.get("event") == "start":
                 say(args, f"generating {event.get('duration', '?')} s, seed {event.get('seed', '?')}{_inputs(event)}")
+                if live is not None:
+                    live.begin(event)
+            elif event.get("event") == "audio" and live is not None:
+                live.add(event)
             elif event.get("event") == "progress":
                 bar.update(float(event.get("progress", 0)))
             elif event.get("event") == "completed":
@@ -237,7 +320,7 @@ def attempt(args: argparse.Namespace, bar: ProgressBar,
     except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, garbled
         bar.end()
         raise Failure(EXIT_NETWORK, f"network error talking to {args.url}: {e or type(e).__name__}") from None
-    except ValueError as e:  # a data: line that is not JSON
+    except (ValueError, KeyError, TypeError) as e:  # a data: line that is not JSON, an audio event out of order
         raise Failure(EXIT_SERVER, f"server sent a malformed event: {e}") from None
     finally:
         conn.close()  # also what cancels the generation when we leave early (Ctrl-C)
@@ -253,13 +336,18 @@ def _inputs(start: tp.Dict[str, tp.Any]) -> str:
     return f" ({', '.join(said)})" if said else ""
 
 
+def output_path(args: argparse.Namespace, event: tp.Dict[str, tp.Any]) -> str:
+    """-o, or a name from the seed and format that `start` and `completed` both carry."""
+    return args.output or f"musicgen-{event.get('seed', 'clip')}.{event.get('format', 'wav')}"
+
+
 def save(args: argparse.Namespace, event: tp.Dict[str, tp.Any]) -> str:
     audio = base64.b64decode(event["audio"])
     if args.output == "-":
         sys.stdout.buffer.write(audio)
         sys.stdout.buffer.flush()
         return "stdout"
-    path = args.output or f"musicgen-{event.get('seed', 'clip')}.{event.get('format', 'wav')}"
+    path = output_path(args, event)
     partial = path + ".part"  # never leave a half-written file under the real name
     with open(partial, "wb") as f:
         f.write(audio)
@@ -274,9 +362,15 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise Failure(EXIT_BAD_REQUEST, f"cannot read an audio file: {e}") from None
     for attempt_number in range(args.retry + 1):
-        wait, completed = attempt(args, bar, body)
+        live, where = Live(args, bar, time.monotonic()) if args.stream_audio else None, ""
+        try:
+            wait, completed = attempt(args, bar, body, live)
+            if wait is None:
+                where = save(args, completed)
+        finally:
+            if live is not None:
+                live.close(saved=bool(where))
         if wait is None:
-            where = save(args, completed)
             channels = {1: "mono", 2: "stereo"}.get(completed.get("channels"), "?")
             say(args, f"saved {where} ({completed.get('format', 'wav').upper()}, {completed.get('duration', '?')} s, "
                       f"{completed.get('sample_rate', '?')} Hz, {channels}, seed {completed.get('seed', '?')})")

@@ -156,7 +156,7 @@ def test_a_busy_server_answers_503_without_decoding_the_audio(idle_server):
 
 
 def test_health_says_what_the_model_can_do(idle_server):
-    assert idle_server.health()["features"] == {"melody": False, "audio_prompt": True,
+    assert idle_server.health()["features"] == {"melody": False, "audio_prompt": True, "stream_audio": True,
                                                "formats": ["wav", "flac", "mp3", "ogg"]}
 
 

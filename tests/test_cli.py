@@ -179,3 +179,37 @@ def test_token_from_the_environment_or_the_flag(tmp_path):
                               env={"MUSICGEN_AUTH_TOKEN": "let-me-in", "PATH": "/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr
         assert wav_info(out.read_bytes())[:3] == (32000, 2, 1)
+
+
+def test_stream_grows_a_playable_wav_and_says_when_audio_began(idle_server, tmp_path):
+    """--stream: while the job runs the output is a whole WAV of what has arrived (its header says so), growing;
+    at the end it is the completed clip."""
+    out = tmp_path / "live.wav"
+    process = subprocess.Popen([sys.executable, "-I", str(CLI), "--url", idle_server.url, "steady pulse", "--duration",
+                                "20", "--seed", "9", "--stream", "-o", str(out)], stderr=subprocess.PIPE)
+    seen: tp.List[float] = []
+    while process.poll() is None:
+        if out.exists() and out.stat().st_size > 44:
+            data = out.read_bytes()
+            rate, width, channels, seconds = wav_info(data)
+            assert (rate, width, channels) == (32000, 2, 1)
+            assert len(data) >= 44 + seconds * rate * width  # the header never claims more than is there
+            if not seen or seconds > seen[-1]:
+                seen.append(seconds)
+        time.sleep(0.05)
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 0, stderr
+    assert "first audio after" in stderr, stderr
+    assert len(seen) >= 3 and seen[0] < 20, seen  # it grew, several times, before the end
+    assert wav_info(out.read_bytes()) == (32000, 2, 1, 20.0)
+
+
+def test_stream_to_another_format_keeps_its_growing_wav_aside(idle_server, tmp_path):
+    done = cli(idle_server.url, "steady pulse", "--duration", "3", "--stream", "-o", str(tmp_path / "clip.ogg"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert "clip.ogg.live.wav grows" in done.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.ogg"]  # the growing WAV is gone
+    samples, rate = decode((tmp_path / "clip.ogg").read_bytes())
+    assert rate == 32000 and abs(len(samples) - 3 * 32000) < 100
+    refused = cli(idle_server.url, "x", "--stream", "-o", "-")
+    assert refused.returncode == 2 and b"--stream" in refused.stderr

@@ -15,7 +15,7 @@ from app.params import AudioClip, GenerationParams, UnsupportedRequest
 
 
 class FakeModel:
-    name, device, sample_rate, channels, melody = "fake", "cpu", 32000, 1, False
+    name, device, sample_rate, channels, melody, streams = "fake", "cpu", 32000, 1, False, False
 
     def __init__(self, steps: int = 50, step_seconds: float = 0.0, fail_at: int = -1):
         self.steps, self.step_seconds, self.fail_at = steps, step_seconds, fail_at
@@ -29,6 +29,8 @@ class FakeModel:
     def check(self, params):
         if params.melody is not None and not self.melody:
             raise UnsupportedRequest("melody: the loaded model (fake) does not take a melody")
+        if params.stream_audio and not self.streams:
+            raise UnsupportedRequest("stream_audio: the loaded model (fake) cannot stream its audio")
 
     def lm_steps(self, duration, prompt=None):
         return self.steps

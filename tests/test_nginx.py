@@ -185,6 +185,24 @@ def test_long_generation_streams_live_and_its_large_completed_event_arrives_inta
     assert abs(seconds - 60) < 0.5
 
 
+def test_streamed_audio_arrives_through_the_shipped_site_as_it_is_made(idle_server, nginx):
+    """Each `audio` event (85 kB of base64 per second of mono at 32 kHz, 171 kB stereo) passes nginx unbuffered: the
+    client hears the music while the job runs, not all of it at the end."""
+    proxy = nginx([idle_server.port])
+    started = time.monotonic()
+    body = {"description": "streamed through nginx", "duration": 20, "seed": 5, "stream_audio": True}
+    with generate(proxy.url, body) as r:
+        assert r.status_code == 200
+        arrivals = [(time.monotonic() - started, e) for e in events(r)]
+    assert arrivals[-1][1]["event"] == "completed"
+    audio = [(t, e) for t, e in arrivals if e["event"] == "audio"]
+    assert [e["seq"] for _, e in audio] == list(range(20))
+    completed_at = arrivals[-1][0]
+    assert audio[0][0] < completed_at / 2, (audio[0][0], completed_at)
+    assert audio[len(audio) // 2][0] < completed_at * 0.9
+    assert sum(len(base64.b64decode(e["pcm"])) for _, e in audio) == 20 * 32000 * 2
+
+
 def test_client_disconnect_at_nginx_cancels_and_frees_the_slot(idle_server, nginx):
     proxy = nginx([idle_server.port])
     cancelled_before = log_of(idle_server).count("generation cancelled")

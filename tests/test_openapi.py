@@ -139,3 +139,16 @@ def test_version_1_1_events_and_health_are_documented_field_by_field(document, i
     health = requests.get(idle_server.url + "/health", timeout=10).json()
     assert set(health) <= set(schemas["Health"]["properties"])
     assert set(health["features"]) == set(schemas["Health"]["properties"]["features"]["properties"])
+
+
+def test_audio_events_are_documented_field_by_field(document, idle_server):
+    stream_event = schema_validator(document, "StreamEvent")
+    with generate(idle_server.url, {"description": "streamed", "duration": 2, "stream_audio": True}) as response:
+        received = list(events(response))
+    audio = [event for event in received if event["event"] == "audio"]
+    assert audio and received[-1]["event"] == "completed" and received[0]["stream_audio"] is True
+    for event in received:
+        stream_event.validate(event)
+    schemas = document["components"]["schemas"]
+    assert set(audio[0]) == set(schemas["AudioEvent"]["properties"])
+    assert set(received[0]) <= set(schemas["StartEvent"]["properties"])

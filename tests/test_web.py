@@ -59,7 +59,7 @@ def test_generate_shows_progress_and_a_playable_wav(idle_server):
     assert result["cspViolations"] == [] and result["consoleErrors"] == []
     # The form is built from the validator's schema: defaults, ranges, and the advanced ones folded away.
     form = {field["name"]: field for field in result["form"]}
-    assert list(form) == ["duration", "mbd", "top_k", "top_p", "temperature", "cfg_coef", "seed"]
+    assert list(form) == ["duration", "mbd", "stream_audio", "top_k", "top_p", "temperature", "cfg_coef", "seed"]
     assert (form["duration"]["min"], form["duration"]["max"], form["duration"]["value"]) == ("1", "60", "30")
     assert form["mbd"]["value"] is False and not form["mbd"]["advanced"]
     assert (form["top_k"]["value"], form["top_k"]["max"]) == ("250", "2048") and form["top_k"]["advanced"]
@@ -149,3 +149,22 @@ def test_a_melody_model_offers_a_melody_picker_that_takes_a_dropped_file():
     assert result["consoleErrors"] == [] and result["chosen"].startswith("tune.wav (")
     assert result["outcome"]["state"] == "done", result["outcome"]
     assert abs(result["played"]["duration"] - 2) < 0.1
+
+
+def test_the_page_plays_the_music_while_it_is_made(idle_server):
+    """Web Audio plays the `audio` events as they come: its clock has passed the first chunk's start before
+    `completed` arrives, every chunk starts where the one before ends, and the final file is offered after."""
+    result = run_scenario("stream", idle_server.url)
+    assert result["cspViolations"] == [] and result["consoleErrors"] == [], result
+    assert result["checkedByDefault"] is True
+    playing = result["whilePlaying"]
+    assert playing["state"] == "running" and playing["contextState"] == "running", playing
+    assert playing["message"] == "Playing the music while it is being generated…"
+    assert result["outcome"]["state"] == "done" and "the final file is below" in result["outcome"]["message"]
+    scheduled, completed_at = result["live"]["scheduled"], result["live"]["completedAt"]
+    assert [chunk["seq"] for chunk in scheduled] == list(range(20))
+    assert completed_at > scheduled[0]["at"], (completed_at, scheduled[0])  # heard before it was done
+    for before, after in zip(scheduled[:-1], scheduled[1:], strict=True):
+        assert abs(after["at"] - (before["at"] + before["duration"])) < 1e-6, (before, after)  # back to back
+    assert abs(sum(chunk["duration"] for chunk in scheduled) - 20) < 1e-3
+    assert abs(result["audio"]["audioDuration"] - 20) < 0.1 and result["audio"]["riff"] == "RIFF"

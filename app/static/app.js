@@ -1,16 +1,20 @@
 // The try-it page: builds the form from the OpenAPI document (the validator's own defaults and ranges),
 // POSTs with fetch and reads the Server-Sent Events from the response body, as the original document's
 // JavaScript client does. Cancel aborts the fetch; the server notices the closed connection and stops.
+// With "Play while it is made" (stream_audio) the `audio` events are played as they arrive (Web Audio).
 'use strict';
 
 const API = '/api/v1/generate_music';
-const BASIC = ['duration', 'mbd']; // everything else goes under "Advanced settings"
+const BASIC = ['duration', 'mbd', 'stream_audio']; // everything else goes under "Advanced settings"
 const AUDIO_FIELDS = ['melody', 'audio_prompt']; // audio files: their own pickers (index.html), not form fields
 const LABELS = {
   duration: 'Duration (seconds)', mbd: 'MultiBand Diffusion decoder', top_k: 'Top-k', top_p: 'Top-p',
   temperature: 'Temperature', cfg_coef: 'Guidance (cfg_coef)', seed: 'Seed', format: 'Audio format',
-  normalization: 'Normalization',
+  normalization: 'Normalization', stream_audio: 'Play while it is made',
 };
+// Where the page's default differs from the API's: hearing the music early is the point of trying it here.
+const PAGE_DEFAULTS = { stream_audio: true };
+const LEAD_SECONDS = 0.1; // the first chunk (or one after the music ran dry) starts this far ahead
 const MIME_TYPES = { wav: 'audio/wav', flac: 'audio/flac', mp3: 'audio/mpeg', ogg: 'audio/ogg' };
 
 const TOKEN_KEY = 'musicgen-token'; // sessionStorage: the token lives as long as the tab
@@ -18,6 +22,7 @@ const $ = (id) => document.getElementById(id);
 let schema = null; // GenerateParams from the OpenAPI document
 let controller = null; // AbortController of the running request
 let audioUrl = null;
+let live = null; // the LivePlayer of the running or last generation
 
 function setState(state) {
   document.body.dataset.state = state; // idle, running, done, error, busy, unauthorized, cancelled (tests wait on it)
@@ -57,8 +62,10 @@ function buildField(name, raw) {
     box.append(label, select);
   } else if (prop.type === 'boolean') {
     box.classList.add('checkbox');
+    box.id = `${name}-box`;
     input.type = 'checkbox';
-    input.checked = prop.default === true;
+    input.checked = (PAGE_DEFAULTS[name] ?? prop.default) === true;
+    input.dataset.optional = prop.optional ? 'yes' : ''; // an optional flag left off is left out
     label.append(input, LABELS[name] || prop.title || name);
     box.append(label);
   } else {
@@ -97,7 +104,9 @@ async function loadForm() {
 async function body() {
   const params = { description: $('description').value };
   for (const input of document.querySelectorAll('.fields input')) {
-    if (input.type === 'checkbox') params[input.name] = input.checked;
+    if (input.type === 'checkbox') {
+      if (input.checked || !input.dataset.optional) params[input.name] = input.checked;
+    }
     else if (input.value !== '') params[input.name] = Number(input.value);
   }
   for (const select of document.querySelectorAll('.fields select')) {
@@ -149,6 +158,11 @@ async function showFeatures() {
   try {
     const health = await (await fetch('/health')).json();
     $('melody-box').hidden = !(health.features && health.features.melody);
+    const box = $('stream_audio-box');
+    if (box && health.model_loaded && health.features && !health.features.stream_audio) {
+      box.hidden = true; // this model cannot stream its audio
+      $('stream_audio').checked = false;
+    }
     if (health.status === 'loading') setTimeout(showFeatures, 2000);
   } catch (e) { /* the form works without the melody picker */ }
 }
@@ -243,6 +257,52 @@ function showAudio(event) {
   $('result').hidden = false;
 }
 
+// Plays the `audio` events as they arrive: each chunk (16-bit PCM) becomes an AudioBuffer scheduled to start
+// exactly where the previous one ends, so they play back to back. A chunk that arrives after the music so far
+// has run out (a server slower than real time) starts LEAD_SECONDS later: that pause is the wait for music.
+class LivePlayer {
+  constructor() {
+    this.context = new AudioContext(); // made in the click that starts the generation: browsers let it play
+    this.rate = 32000;
+    this.channels = 1;
+    this.next = 0; // context time at which the next chunk starts
+    this.scheduled = []; // { seq, at, duration } per chunk
+    this.completedAt = null; // context time when `completed` arrived
+  }
+
+  begin(start) {
+    this.rate = start.sample_rate || this.rate;
+    this.channels = start.channels || this.channels;
+  }
+
+  add(event) {
+    const bytes = Uint8Array.from(atob(event.pcm), (c) => c.charCodeAt(0));
+    const pcm = new DataView(bytes.buffer);
+    const frames = bytes.length / (2 * this.channels);
+    const buffer = this.context.createBuffer(this.channels, frames, this.rate);
+    for (let c = 0; c < this.channels; c += 1) {
+      const data = buffer.getChannelData(c);
+      for (let i = 0; i < frames; i += 1) data[i] = pcm.getInt16(2 * (i * this.channels + c), true) / 32768;
+    }
+    const source = this.context.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.context.destination);
+    const now = this.context.currentTime;
+    if (this.next < now + LEAD_SECONDS / 2) this.next = now + LEAD_SECONDS;
+    source.start(this.next);
+    this.scheduled.push({ seq: event.seq, at: this.next, duration: buffer.duration });
+    this.next += buffer.duration;
+  }
+
+  get time() {
+    return this.context.currentTime;
+  }
+
+  stop() {
+    if (this.context.state !== 'closed') this.context.close();
+  }
+}
+
 function onEvent(event) {
   if (event.event === 'start') {
     setProgress(0);
@@ -251,14 +311,27 @@ function onEvent(event) {
     if (event.melody) inputs.push(`following a ${event.melody.seconds} s melody`);
     const seed = event.seed !== undefined ? ` (seed ${event.seed})` : '';
     show(`Generating${seed}${inputs.length ? `, ${inputs.join(', ')}` : ''}…`, 'info');
+    if (live) live.begin(event);
   } else if (event.event === 'progress') {
     setProgress(event.progress);
+  } else if (event.event === 'audio' && live) {
+    live.add(event);
+    if (event.seq === 0) {
+      document.body.dataset.playing = 'live';
+      show('Playing the music while it is being generated…', 'info');
+    }
+  } else if (event.event === 'completed' && live) {
+    live.completedAt = live.time;
   }
 }
 
 async function generate() {
   if (controller) return;
   controller = new AbortController();
+  if (live) live.stop();
+  const streaming = $('stream_audio') && $('stream_audio').checked && !$('stream_audio-box').hidden;
+  live = window.livePlayer = streaming ? new LivePlayer() : null; // before any await: still in the click
+  delete document.body.dataset.playing;
   const started = performance.now();
   setState('running');
   setRunning(true);
@@ -288,13 +361,16 @@ async function generate() {
     if (last.event === 'completed') {
       setProgress(100);
       showAudio(last);
-      show(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`, 'ok');
+      const playing = live && live.scheduled.length ? ' The live playback goes on; the final file is below.' : '';
+      show(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.${playing}`, 'ok');
       setState('done');
     } else {
+      if (live) live.stop();
       show(`The generation failed: ${last.message || 'unknown error'}`, 'error', true);
       setState('error');
     }
   } catch (e) {
+    if (live) live.stop();
     if (e.name === 'AbortError') {
       show('Cancelled: the server stopped working on it.', 'info');
       setState('cancelled');
@@ -322,6 +398,7 @@ function init() {
   showFeatures();
   $('retry').addEventListener('click', generate);
   $('cancel').addEventListener('click', () => controller && controller.abort());
+  $('audio').addEventListener('play', () => live && live.stop()); // the final file takes over from the stream
   $('description').addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
   });

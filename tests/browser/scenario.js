@@ -9,6 +9,8 @@
 //   token     (the server has MUSICGEN_AUTH_TOKEN=let-me-in) no token, a wrong one, the right one; after a reload
 //   continue  upload ARTIFACTS_DIR/prompt.flac to continue, as MP3: play the result, download it
 //   melody    (a melody model) the melody picker is shown; drop ARTIFACTS_DIR/tune.wav on it and generate
+//   stream    generate a 20 s clip playing it while it is made: the Web Audio clock when `completed` came, and
+//             where each chunk was scheduled
 'use strict';
 
 const fs = require('fs');
@@ -256,9 +258,31 @@ async function melodyScenario(context) {
   return { chosen, outcome, played: outcome.state === 'done' ? await play(page) : null, consoleErrors };
 }
 
+async function streamScenario(context) {
+  const { page, consoleErrors, policy } = await openPage(context);
+  const checkedByDefault = await page.isChecked('#stream_audio');
+  await page.fill('#description', 'heard while it is made');
+  await page.fill('#duration', '20');
+  await page.click('#generate');
+  await page.waitForSelector('body[data-playing="live"]', { timeout: 60000 });
+  const whilePlaying = await page.evaluate(() => ({
+    state: document.body.dataset.state, message: document.getElementById('message').textContent,
+    chunks: window.livePlayer.scheduled.length, contextState: window.livePlayer.context.state,
+  }));
+  const outcome = await finished(page);
+  const live = await page.evaluate(() => ({
+    scheduled: window.livePlayer.scheduled, completedAt: window.livePlayer.completedAt,
+    timeAfter: window.livePlayer.time,
+  }));
+  const audio = outcome.state === 'done' ? await audioResult(page) : null;
+  const cspViolations = await page.evaluate(() => window.cspViolations);
+  await page.screenshot({ path: path.join(artifacts, 'web-stream.png'), fullPage: true });
+  return { checkedByDefault, whilePlaying, outcome, live, audio, consoleErrors, policy, cspViolations };
+}
+
 const SCENARIOS = {
   generate: generateScenario, invalid: invalidScenario, cancel: cancelScenario, busy: busyScenario,
-  token: tokenScenario, continue: continueScenario, melody: melodyScenario,
+  token: tokenScenario, continue: continueScenario, melody: melodyScenario, stream: streamScenario,
 };
 
 async function main() {
