@@ -21,8 +21,8 @@ import torch
 
 from . import threads
 from .audio import encode, pcm16
-from .model import ModelLoadError
 from .params import MAX_SEED, AudioClip, GenerationParams, UnsupportedRequest
+from .weights import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -1,29 +1,21 @@
-"""Loading MusicGen and MultiBand Diffusion, and running one generation on them.
+"""A loaded MusicGen (and, once needed, MultiBand Diffusion), made fast, and the one way the service runs it.
 
-Weights come from the Hugging Face cache (downloaded on first use where there is internet), from a
-local directory, or are the tiny `debug` models. Everything here runs on the generation thread.
+Where the weights come from is app/weights.py; how each speed-up works is in its own module (precision, fast_lm,
+codec, cuda_graph). Everything here runs on the generation thread.
 """
 
-import collections
 import contextlib
-import importlib
+import dataclasses
 import logging
 import math
-import os
-import pickle
-import re
-import tempfile
 import typing as tp
 
-import omegaconf
 import torch
 from audiocraft.data.audio_utils import convert_audio
 from audiocraft.models import MusicGen
 from audiocraft.models.encodec import InterleaveStereoCompressionModel
-from audiocraft.models.loaders import load_diffusion_models
-from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
+from audiocraft.models.multibanddiffusion import MultiBandDiffusion
 from audiocraft.modules.conditioners import ChromaStemConditioner
-from audiocraft.modules.diffusion_schedule import NoiseSchedule
 
 from . import codec as decoder_codec
 from . import cuda_graph as graph_decoding
@@ -33,22 +25,9 @@ from .config import Settings
 from .params import MIN_CONTINUATION_SECONDS, AudioClip, GenerationParams, UnsupportedRequest
 from .stream_decode import Plan
 from .streaming import AudioStream, OnAudio
+from .weights import load_mbd, load_musicgen, resolve_device
 
 log = logging.getLogger(__name__)
-
-# torch >= 2.6 loads checkpoints with weights_only=True and audiocraft 1.3.0 does not say otherwise.
-# The MBD checkpoint pickles one omegaconf training config per band: allow exactly the types such a
-# config is made of, for the duration of the checkpoint loads only, instead of unpickling arbitrary objects.
-OMEGACONF_GLOBALS: tp.List[tp.Any] = [
-    omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.base.ContainerMetadata, omegaconf.base.Metadata,
-    omegaconf.nodes.AnyNode, omegaconf.nodes.StringNode, omegaconf.nodes.IntegerNode, omegaconf.nodes.FloatNode,
-    omegaconf.nodes.BooleanNode, omegaconf.nodes.EnumNode, omegaconf.nodes.PathNode, omegaconf.nodes.BytesNode,
-    tp.Any, dict, list, int, float, bool, str, collections.defaultdict,
-]
-
-# How torch names the type it refused (its UnpicklingError, weights_only=True).
-REFUSED_TYPE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-TRUSTED_TYPES_SETTING = "MUSICGEN_TRUSTED_CHECKPOINT_TYPES"
 
 # audiocraft's NoiseSchedule.generate_subsampled walks 20 denoising steps per band by default.
 DIFFUSION_STEPS_PER_BAND = 20
@@ -58,100 +37,26 @@ STREAM_CHUNK_SECONDS = 1.0
 Step = tp.Callable[[str], None]
 
 
-class ModelLoadError(RuntimeError):
-    """The weights could not be loaded; the message says what to set."""
+@dataclasses.dataclass(frozen=True)
+class Speedups:
+    """How the model decodes. Every default is stock audiocraft; the service's own come from its settings."""
 
+    precision: str = "fp32"  # the LM's (MUSICGEN_PRECISION, app/precision.py)
+    cross_kv_cache: bool = False  # MUSICGEN_CROSS_KV_CACHE (app/fast_lm.py)
+    static_kv_cache: bool = False  # MUSICGEN_STATIC_KV_CACHE, with the lean step (app/fast_lm.py, lean_step.py)
+    packed_weights: bool = False  # MUSICGEN_PACKED_WEIGHTS (app/fast_lm.py)
+    decoder_precision: str = "fp32"  # EnCodec's decoder (MUSICGEN_DECODER_PRECISION, app/codec.py)
+    cuda_graph: bool = False  # MUSICGEN_CUDA_GRAPH (app/cuda_graph.py)
 
-def resolve_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"MUSICGEN_DEVICE={setting} but CUDA is not available (use auto or cpu)")
-    return setting
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Speedups":
+        return cls(settings.precision, settings.cross_kv_cache, settings.static_kv_cache, settings.packed_weights,
+                   settings.decoder_precision, settings.cuda_graph)
 
-
-@contextlib.contextmanager
-def checkpoint_types(trusted: tp.Sequence[str] = ()) -> tp.Iterator[None]:
-    """Checkpoint loads inside this block may unpickle omegaconf's config types and the `trusted` ones
-    (fully qualified names, MUSICGEN_TRUSTED_CHECKPOINT_TYPES), and nothing else beyond torch's defaults."""
-    allowed = list(OMEGACONF_GLOBALS)
-    for name in trusted:
-        module, _, attribute = name.rpartition(".")
-        try:
-            allowed.append(getattr(importlib.import_module(module), attribute))
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ModelLoadError(f"{TRUSTED_TYPES_SETTING} names {name!r}, which cannot be imported: {e}") from None
-    with torch.serialization.safe_globals(allowed):
-        yield
-
-
-def load_failure(what: str, e: Exception, remedy: str) -> ModelLoadError:
-    """Why a load failed, the real cause first: a missing Python package, a type the checkpoint pickles
-    that weights_only=True refuses, or else `remedy` (what to set or fetch)."""
-    seen: tp.Set[int] = set()
-    cause: tp.Optional[BaseException] = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, ImportError):
-            package = f"the Python package {cause.name.split('.')[0]!r}" if cause.name else "a Python package"
-            return ModelLoadError(
-                f"{what}: {package} is missing ({type(cause).__name__}: {cause}). Install the service's "
-                "pinned set into its virtualenv: pip install --no-deps -r requirements.txt (scripts/serve does).")
-        refused = REFUSED_TYPE.search(str(cause)) if isinstance(cause, pickle.UnpicklingError) else None
-        if refused:
-            return ModelLoadError(
-                f"{what}: the checkpoint pickles {refused[1]}, which torch refuses to unpickle with "
-                f"weights_only=True. If you trust the file, allow that type: {TRUSTED_TYPES_SETTING}={refused[1]} "
-                "(README, Configuration: a trusted type lets the file build objects of that type).")
-        cause = cause.__cause__ or cause.__context__
-    return ModelLoadError(f"{what}: {type(e).__name__}: {e}. {remedy}")
-
-
-def load_musicgen(name: str, device: str, trusted_types: tp.Sequence[str] = ()) -> MusicGen:
-    """MusicGen from a Hugging Face id, a local checkpoint directory, or a built-in tiny model (`debug*`)."""
-    if name in debug_models.MODELS:
-        return debug_models.build_musicgen(name, device)
-    try:
-        with checkpoint_types(trusted_types):
-            return MusicGen.get_pretrained(name, device=device)
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        where = "directory" if os.path.isdir(name) else "Hugging Face id"
-        raise load_failure(
-            f"could not load MUSICGEN_MODEL={name!r} ({where})", e,
-            "Set MUSICGEN_MODEL to a directory holding state_dict.bin and compression_state_dict.bin, "
-            "or fetch the weights into the Hugging Face cache (HF_HOME) on a machine with internet "
-            "and run with HF_HUB_OFFLINE=1, or use MUSICGEN_MODEL=debug to try the service.") from e
-
-
-def load_mbd(source: str, codec: torch.nn.Module, device: str,
-             trusted_types: tp.Sequence[str] = ()) -> MultiBandDiffusion:
-    """MultiBand Diffusion for 32 kHz MusicGen tokens, decoding through `codec` (mono EnCodec).
-
-    `source` is a Hugging Face id, a directory holding mbd_musicgen_32khz.th, that file, or `debug`;
-    all of them go through audiocraft's loader under torch's default `weights_only=True`.
-    """
-    with contextlib.ExitStack() as stack:
-        if source == "debug":
-            source = stack.enter_context(tempfile.TemporaryDirectory(prefix="musicgen-mbd-"))
-            torch.save(debug_models.mbd_package(), os.path.join(source, debug_models.MBD_FILE))
-        try:
-            with checkpoint_types(trusted_types):
-                models, processors, cfgs = load_diffusion_models(source, device=device,
-                                                                 filename=debug_models.MBD_FILE)
-        except ModelLoadError:
-            raise
-        except Exception as e:
-            raise load_failure(
-                f"could not load MultiBand Diffusion from MUSICGEN_MBD_MODEL={source!r}", e,
-                "Fetch facebook/multiband-diffusion into the Hugging Face cache or point MUSICGEN_MBD_MODEL "
-                f"at a directory holding {debug_models.MBD_FILE}.") from e
-    processes = [
-        DiffusionProcess(model=model.eval(), noise_schedule=NoiseSchedule(**cfg.schedule, sample_processor=processor,
-                                                                          device=device))
-        for model, processor, cfg in zip(models, processors, cfgs, strict=True)]
-    return MultiBandDiffusion(DPs=processes, codec_model=codec)
+    @property
+    def on_cpu_only(self) -> bool:
+        """Whether any speed-up that is checked on CPU only is asked for."""
+        return self.cross_kv_cache or self.static_kv_cache or self.packed_weights
 
 
 class MusicModel:
@@ -170,35 +75,15 @@ class MusicModel:
         self.stream_refusal: tp.Optional[str] = "not planned yet"  # or why this model's codec cannot stream
 
     @classmethod
-    def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False, precision: str = "fp32",
-             cross_kv_cache: bool = False, static_kv_cache: bool = False,
-             packed_weights: bool = False, decoder_precision: str = "fp32", cuda_graph: bool = False,
-             trusted_types: tp.Sequence[str] = ()) -> "MusicModel":
-        """Load the models; the defaults of precision, the three speed-ups, the decoder's precision and the CUDA
-        graph (MUSICGEN_PRECISION, ..._KV_CACHE, ..._PACKED_WEIGHTS, MUSICGEN_DECODER_PRECISION,
-        MUSICGEN_CUDA_GRAPH) are stock audiocraft; `trusted_types` widen the checkpoints' unpickling allow-list
-        (MUSICGEN_TRUSTED_CHECKPOINT_TYPES)."""
+    def load(cls, name: str, device: str, mbd_source: str, preload_mbd: bool = False,
+             speedups: tp.Optional["Speedups"] = None, trusted_types: tp.Sequence[str] = ()) -> "MusicModel":
+        """Load the models, with `speedups` (stock audiocraft by default); `trusted_types` widen the checkpoints'
+        unpickling allow-list (MUSICGEN_TRUSTED_CHECKPOINT_TYPES)."""
         device = resolve_device(device)
         log.info("loading MusicGen %s on %s", name, device)
         model = cls(load_musicgen(name, device, trusted_types), mbd_source, trusted_types)
-        lm = model.musicgen.lm
-        if not device.startswith("cpu") and (cross_kv_cache or static_kv_cache or packed_weights):
-            # Verified (same greedy tokens as stock) on CPU only; on CUDA audiocraft's fp16 autocast and
-            # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
-            log.info("decoding speed-ups are CPU-only for now: off on %s", device)
-            cross_kv_cache = static_kv_cache = packed_weights = False
-        resolved = lm_precision.apply(lm, precision, device)
-        log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
-            lm, cross_kv_cache, static_kv_cache, packed_weights, int8_weights=resolved == "int8-dynamic"))
-        log.info("EnCodec decoder precision %s",
-                 decoder_codec.apply(model.musicgen.compression_model, decoder_precision, device))
-        log.info("streamed audio: %s", model.plan_streaming())
-        if cuda_graph and device.startswith("cuda"):
-            mg = model.musicgen  # buffers for the longest window audiocraft generates at once
-            capacity = lm.pattern_provider.get_pattern(int(mg.max_duration * mg.frame_rate)).num_sequence_steps
-            log.info("CUDA graph decoding %s", graph_decoding.install(lm, capacity))
-        elif cuda_graph:
-            log.info("MUSICGEN_CUDA_GRAPH applies to CUDA only: off on %s", device)
+        model._speed_up(speedups or Speedups())
+        log.info("streamed audio: %s", model.plan_streaming())  # on the decoder as it will run
         if preload_mbd:
             model.ensure_mbd()
         log.info("model ready: %s, %d Hz, %d channel(s)", model.name, model.sample_rate, model.channels)
@@ -208,10 +93,28 @@ class MusicModel:
     def from_settings(cls, settings: Settings) -> "MusicModel":
         """The model as the service runs it (the server, and the benchmark's bare runs)."""
         return cls.load(settings.model, settings.device, settings.mbd_source, settings.mbd_preload,
-                        precision=settings.precision, cross_kv_cache=settings.cross_kv_cache,
-                        static_kv_cache=settings.static_kv_cache, packed_weights=settings.packed_weights,
-                        decoder_precision=settings.decoder_precision, cuda_graph=settings.cuda_graph,
-                        trusted_types=settings.trusted_types)
+                        Speedups.from_settings(settings), settings.trusted_types)
+
+    def _speed_up(self, speedups: "Speedups") -> None:
+        lm, device = self.musicgen.lm, self.device
+        if not device.startswith("cpu") and speedups.on_cpu_only:
+            # Verified (same greedy tokens as stock) on CPU only; on CUDA audiocraft's fp16 autocast and
+            # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
+            log.info("decoding speed-ups are CPU-only for now: off on %s", device)
+            speedups = dataclasses.replace(speedups, cross_kv_cache=False, static_kv_cache=False,
+                                           packed_weights=False)
+        resolved = lm_precision.apply(lm, speedups.precision, device)
+        log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
+            lm, speedups.cross_kv_cache, speedups.static_kv_cache, speedups.packed_weights,
+            int8_weights=resolved == "int8-dynamic"))
+        log.info("EnCodec decoder precision %s",
+                 decoder_codec.apply(self.musicgen.compression_model, speedups.decoder_precision, device))
+        if speedups.cuda_graph and device.startswith("cuda"):
+            mg = self.musicgen  # buffers for the longest window audiocraft generates at once
+            capacity = lm.pattern_provider.get_pattern(int(mg.max_duration * mg.frame_rate)).num_sequence_steps
+            log.info("CUDA graph decoding %s", graph_decoding.install(lm, capacity))
+        elif speedups.cuda_graph:
+            log.info("MUSICGEN_CUDA_GRAPH applies to CUDA only: off on %s", device)
 
     @property
     def stereo(self) -> bool:

@@ -207,7 +207,7 @@ def save_musicgen(directory: Path, solver: str, stereo: bool) -> None:
     from audiocraft.utils import export
     from omegaconf import OmegaConf
 
-    from app.model import OMEGACONF_GLOBALS
+    from app.weights import OMEGACONF_GLOBALS
 
     cfg = compose(solver, TINY_LM + (STEREO if stereo else []))
     build_cfg = cfg.copy()

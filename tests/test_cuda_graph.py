@@ -14,7 +14,7 @@ from audiocraft.modules.conditioners import ConditioningAttributes
 
 from app import cuda_graph
 from app.config import Settings
-from app.model import MusicModel
+from app.model import MusicModel, Speedups
 from tests.test_fast_lm import SMALL, greedy_tokens, musicgen
 
 
@@ -125,6 +125,6 @@ def test_the_setting_is_opt_in_and_cuda_only(caplog):
     assert Settings.from_env({}).cuda_graph is False
     assert Settings.from_env({"MUSICGEN_CUDA_GRAPH": "1"}).cuda_graph is True
     with caplog.at_level(logging.INFO, logger="app.model"):
-        model = MusicModel.load("debug", "cpu", "debug", cuda_graph=True)
+        model = MusicModel.load("debug", "cpu", "debug", speedups=Speedups(cuda_graph=True))
     assert "MUSICGEN_CUDA_GRAPH applies to CUDA only: off on cpu" in caplog.text
     assert not hasattr(model.musicgen.lm, "static_decoder")

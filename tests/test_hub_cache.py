@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from app import debug_models
-from app.model import OMEGACONF_GLOBALS
+from app.weights import OMEGACONF_GLOBALS
 from tests.helpers import Server, events, generate, wav_info
 from tests.hub_cache import ENCODEC, MBD, MBD_FILE, MUSICGEN, T5, OpenedFiles, repo_folder
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from app import debug_models
-from app.model import ModelLoadError, MusicModel, load_mbd
+from app.model import MusicModel
 from app.params import GenerationParams
+from app.weights import ModelLoadError, load_mbd
 from tests.helpers import Server, events, generate
 
 

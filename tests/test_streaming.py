@@ -16,7 +16,7 @@ from transformers import EncodecConfig, EncodecModel
 
 from app import cuda_graph, debug_models
 from app.audio import DEMO_LOUDNESS, pcm16, to_wav
-from app.model import MusicModel
+from app.model import MusicModel, Speedups
 from app.stream_decode import IncrementalDecoder, Plan
 from app.stream_level import FALL_DB_PER_S, RISE_DB_PER_S, Leveler
 from app.streaming import AudioStream
@@ -154,8 +154,8 @@ def test_stream_is_the_generation_heard_early():
 def test_stereo_past_30s_with_the_service_speedups():
     """The service's defaults on CPU (static KV cache, packed weights, bf16 where native), the interleaved
     stereo codec, and audiocraft's second window (30 s + 5 s): only new frames streamed, each once."""
-    model = MusicModel.load("debug-stereo", "cpu", "debug", precision="auto", cross_kv_cache=True,
-                            static_kv_cache=True, packed_weights=True)
+    model = MusicModel.load("debug-stereo", "cpu", "debug", speedups=Speedups(
+        precision="auto", cross_kv_cache=True, static_kv_cache=True, packed_weights=True))
     fast_generate = model.musicgen.lm.generate
     run = stream_generation(model.musicgen, duration=35.0)
     assert isinstance(model.musicgen.compression_model, InterleaveStereoCompressionModel)
@@ -168,7 +168,7 @@ def test_the_bf16_decoder_and_the_graph_ready_step():
     """The EnCodec decoder in bf16 (the server's default where the CPU has it) runs layer by layer in bf16 and
     still gives the full decode's samples; app/cuda_graph.py's step (eager here; the service installs it on
     CUDA) replaces the LM's `_sample_next_token`, and the tap sees its tokens through it."""
-    model = MusicModel.load("debug", "cpu", "debug", decoder_precision="bf16")
+    model = MusicModel.load("debug", "cpu", "debug", speedups=Speedups(decoder_precision="bf16"))
     lm = model.musicgen.lm
     assert cuda_graph.install(lm, 1000, graphs=False).startswith("on")
     graph_step = lm._sample_next_token
