@@ -1,10 +1,9 @@
 """The generation slot: one lock, one long-lived worker thread, one event queue per job.
 
 The request thread takes the lock without blocking (busy -> 503) and hands a `Job` to the worker;
-the worker runs it and fills the job's queue with `start`, `progress` (with `stream_audio`, `audio` too)
-and exactly one terminal event;
-the response streams that queue. Every job runs on the same thread: PyTorch's CPU thread pools
-belong to the thread that first used them, and a fresh thread per job ran 2.5-3x slower.
+the worker runs it and fills the job's queue with `start`, `progress` (with `stream_audio`, `audio` too) and
+exactly one terminal event; the response streams that queue. Every job runs on the same thread: PyTorch's CPU
+thread pools belong to the thread that first used them, and a fresh thread per job ran 2.5-3x slower.
 """
 
 import base64
