@@ -72,8 +72,8 @@ class Settings:
     # separated by commas or spaces; `*` (default): any origin, without credentials. Others get no CORS headers.
     cors_origins: str = "*"
     # MUSICGEN_CPU_THREADS: torch's CPU threads for a generation, set on the generation thread (app/threads.py).
-    # 0: every core this process may use (its CPU affinity).
-    cpu_threads: int = 0
+    # 1 by default: the fastest measured setting on shared cores; 0: every core this process may use.
+    cpu_threads: int = 1
     # MUSICGEN_DECODER_PRECISION: the EnCodec decoder's precision on CPU: auto (bf16 where the CPU has native bf16,
     # else fp32), fp32 or bf16 (app/codec.py). CUDA keeps fp32.
     decoder_precision: str = "auto"

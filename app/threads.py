@@ -4,7 +4,9 @@ torch's intra-op pool is OpenMP's, and OpenMP's thread count belongs to the thre
 sets it on its one generation thread (app/generation.py), before that thread loads or runs the model.
 On cores shared with other work, OpenMP threads that spin while they wait for each other collapse (a 1 s clip
 took 32 s with 2 spinning threads against 6.4 s with 1): `scripts/gunicorn.conf.py` sets OMP_WAIT_POLICY=PASSIVE
-before torch starts OpenMP in the worker, so waiting threads sleep instead.
+before torch starts OpenMP in the worker, so waiting threads sleep instead. Since the decoding step became a few
+hundred small int8 products (app/fast_lm.py, app/lean_step.py), sleeping and waking between them costs more than
+a second core gains: one thread is the default (README, "Threads and shared cores").
 """
 
 import logging

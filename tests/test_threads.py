@@ -23,8 +23,8 @@ class ThreadCountingModel(FakeModel):
         return super().generate(params, seed, on_step)
 
 
-def test_setting_defaults_to_every_core_this_process_may_use():
-    assert Settings().cpu_threads == 0
+def test_setting_defaults_to_one_thread_and_0_means_every_core_this_process_may_use():
+    assert Settings().cpu_threads == 1
     assert threads.resolve(0) == threads.available_cores() >= 1
     assert threads.resolve(3) == 3
     assert Settings.from_env({"MUSICGEN_CPU_THREADS": "1"}).cpu_threads == 1
@@ -59,5 +59,5 @@ def test_server_sets_threads_and_passive_waiting_before_torch_starts(idle_server
     """scripts/gunicorn.conf.py sets OMP_WAIT_POLICY in the master, so the worker has it when it imports torch;
     the generation thread logs what it applied."""
     idle_server.wait()
-    assert (f"torch CPU threads {threads.available_cores()} of {threads.available_cores()} cores "
+    assert (f"torch CPU threads 1 of {threads.available_cores()} cores "
             "(OMP_WAIT_POLICY=PASSIVE)") in idle_server.output()
