@@ -31,27 +31,19 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 from audiocraft.data.audio_utils import normalize_audio  # noqa: E402
-from audiocraft.models.encodec import HFEncodecCompressionModel, InterleaveStereoCompressionModel  # noqa: E402
-from transformers import EncodecConfig, EncodecModel  # noqa: E402
+from audiocraft.models.encodec import InterleaveStereoCompressionModel  # noqa: E402
 
 from app import codec as codec_precision  # noqa: E402
 from app.audio import DEMO_LOUDNESS  # noqa: E402
 from app.stream_decode import IncrementalDecoder, Plan  # noqa: E402
 from app.stream_level import Leveler  # noqa: E402
+from scripts.bench_e2e import real_size_encodec  # noqa: E402
 
 
 def real_size_codec(stereo: bool = False) -> tp.Any:
-    """facebook/encodec_32khz's architecture at full size (57 M parameters) with random weights; its
-    codebooks filled (zeros would decode to silence)."""
-    config = EncodecConfig(upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2], num_filters=64,
-                           sampling_rate=32000, codebook_size=2048, use_causal_conv=False, normalize=False,
-                           use_conv_shortcut=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = EncodecModel(config).eval()
-        for layer in model.quantizer.layers:
-            layer.codebook.embed.normal_()
-    codec = HFEncodecCompressionModel(model).eval()
+    """facebook/encodec_32khz's architecture at full size with random weights (scripts/bench_e2e.py), mono or as
+    the interleaved stereo codec."""
+    codec = real_size_encodec().eval()
     return InterleaveStereoCompressionModel(codec) if stereo else codec
 
 
@@ -147,7 +139,6 @@ def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> 
     from app.config import Settings
     from app.model import MusicModel
     from app.params import GenerationParams
-    from scripts.bench_e2e import real_size_encodec
 
     settings = Settings(model="debug-small", device="cpu", mbd_model="debug")
     before = torch.get_num_threads()
