@@ -62,7 +62,8 @@ def slot_held(url: str) -> tp.Iterator[None]:
     """A generation streams (its `start` read) until the block ends; leaving closes it, which cancels it."""
     with generate(url, {"description": "holding the slot", "duration": 60, "mbd": True}) as holder:
         assert holder.status_code == 200
-        assert next(events(holder))["event"] == "start"
+        stream = events(holder)  # held: a dropped generator would close the connection, which cancels the job
+        assert next(stream)["event"] == "start"
         yield
 
 

@@ -4,11 +4,13 @@ Skipped (with the reason) where node, the npm packages or /usr/bin/chromium are 
 installs them where it can.
 """
 
+import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
-import threading
+import time
 import typing as tp
 from pathlib import Path
 
@@ -92,17 +94,28 @@ def test_cancel_frees_the_server(idle_server):
     assert result["finalHealth"] == "ready" and result["readyAfterMs"] < 2000, result
 
 
+def busy_answers(server: Server) -> float:
+    """How many requests the server has refused as busy (/metrics)."""
+    found = re.search(r'^musicgen_requests_total\{outcome="busy"\} (\S+)$', requests.get(server.url + "/metrics",
+                      timeout=10).text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
 def test_busy_message_then_retry(idle_server):
-    # Another client holds the slot: long enough to outlast the browser's start on a loaded machine, now that
-    # OpenMP threads wait passively and the debug model no longer crawls when the cores are shared.
-    with generate(idle_server.url, {"description": "first", "duration": 30}) as first:
-        assert first.status_code == 200
-        kinds: tp.List[str] = []
-        reader = threading.Thread(target=lambda: kinds.extend(e["event"] for e in events(first)))
-        reader.start()
-        result = run_scenario("busy", idle_server.url)
-        reader.join(timeout=120)
-    assert kinds[-1] == "completed"
+    # Another client holds the slot until the page has been refused, then goes away (which cancels its job and
+    # frees the slot): however fast the model or slow the browser's start, the page meets a busy server first.
+    refused_before = busy_answers(idle_server)
+    with generate(idle_server.url, {"description": "first", "duration": 60, "mbd": True}) as first:
+        stream = events(first)  # held: a dropped generator would close the connection, which cancels the job
+        assert first.status_code == 200 and next(stream)["event"] == "start"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            scenario = pool.submit(run_scenario, "busy", idle_server.url)
+            deadline = time.monotonic() + 120
+            while busy_answers(idle_server) == refused_before and not scenario.done():
+                assert time.monotonic() < deadline, "the page never asked"
+                time.sleep(0.1)
+            first.close()
+            result = scenario.result()
     busy = result["busy"]
     assert busy["state"] == "busy" and busy["retryVisible"]
     assert busy["message"].startswith("The server is busy with another generation. Try again in ")
