@@ -146,7 +146,7 @@ def test_what_the_model_or_the_clip_cannot_do_is_400(idle_server, body, says):
 
 
 def test_a_busy_server_answers_503_without_decoding_the_audio(idle_server):
-    with generate(idle_server.url, {"description": "hold the slot", "duration": 60}) as holder:
+    with generate(idle_server.url, {"description": "hold the slot", "duration": 60, "mbd": True}) as holder:
         assert holder.status_code == 200
         for audio in (wav64(2.0), "not even base64"):  # the file is not looked at: busy comes first
             r = generate(idle_server.url, {"description": "second", "duration": 3, "audio_prompt": audio}, timeout=30)

@@ -114,14 +114,14 @@ def test_network_error_exits_4():
 
 
 def test_busy_exits_3_and_retry_waits_its_turn(idle_server, tmp_path):
-    with generate(idle_server.url, {"description": "first", "duration": 6}) as first:
+    with generate(idle_server.url, {"description": "first", "duration": 60}) as first:
         assert first.status_code == 200
         kinds: tp.List[str] = []
         reader = threading.Thread(target=lambda: kinds.extend(e["event"] for e in events(first)))
         reader.start()
         busy = cli(idle_server.url, "second", "--duration", "1")
         assert busy.returncode == 3 and b"busy" in busy.stderr
-        # Retry-After is 5 s; the first clip takes a few seconds here, so a retry or two gets the slot.
+        # Retry-After is 5 s; the first clip takes a few seconds at most, so a retry or two gets the slot.
         retried = cli(idle_server.url, "second", "--duration", "1", "--retry", "4", "-o", "-")
         reader.join(timeout=60)
     assert retried.returncode == 0, retried.stderr.decode()

@@ -23,7 +23,7 @@ def test_eight_concurrent_requests_one_generates_seven_get_503(idle_server):
 
     def one() -> None:
         barrier.wait()
-        with generate(idle_server.url, {"description": "crowded", "duration": 3}, timeout=300) as r:
+        with generate(idle_server.url, {"description": "crowded", "duration": 30}, timeout=300) as r:
             last = [e["event"] for e in events(r)][-1] if r.status_code == 200 else r.json()["message"]
             results.append((r.status_code, last))
 

@@ -134,7 +134,7 @@ def test_with_mbd_chunks_come_from_encodec_and_completed_from_mbd(idle_server):
 
 
 def test_a_client_leaving_after_the_first_chunk_frees_the_slot(idle_server):
-    with generate(idle_server.url, {"description": "leaving", "duration": 30, "stream_audio": True}) as r:
+    with generate(idle_server.url, {"description": "leaving", "duration": 60, "stream_audio": True}) as r:
         for event in events(r):
             if event["event"] == "audio":
                 break
