@@ -34,6 +34,36 @@ def idle_server(server):
 
 
 @pytest.fixture(scope="session")
+def _stereo_server():
+    with Server({"MUSICGEN_MODEL": "debug-stereo"}) as s:
+        s.wait()
+        yield s
+
+
+@pytest.fixture
+def stereo_server(_stereo_server):
+    """One shared server with the stereo debug model, idle before and after the test."""
+    _stereo_server.wait(timeout=10)
+    yield _stereo_server
+    _stereo_server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def _melody_server():
+    with Server({"MUSICGEN_MODEL": "debug-melody"}) as s:
+        s.wait()
+        yield s
+
+
+@pytest.fixture
+def melody_server(_melody_server):
+    """One shared server with the melody debug model, idle before and after the test."""
+    _melody_server.wait(timeout=10)
+    yield _melody_server
+    _melody_server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
 def hub_cache(tmp_path_factory):
     """The miniature Hugging Face cache (tests/hub_cache.py), built once per session: the environment serving
     from it (HF_HOME, TORCH_HOME, offline)."""

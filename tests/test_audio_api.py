@@ -15,7 +15,7 @@ from app import audio_input, debug_models
 from app import codec as codec_precision
 from app.config import Settings
 from tests.audio_samples import b64, bad_inputs, decode, encode, melody, tone, wav64
-from tests.helpers import Server, events, generate, wav_info
+from tests.helpers import events, generate, wav_info
 
 V1_0_START = {"event", "model", "sample_rate", "channels", "duration", "seed", "mbd"}
 V1_0_COMPLETED = {"event", "sample_rate", "channels", "duration", "seed", "audio"}
@@ -160,13 +160,6 @@ def test_health_says_what_the_model_can_do(idle_server):
                                                "formats": ["wav", "flac", "mp3", "ogg"]}
 
 
-@pytest.fixture(scope="module")
-def melody_server():
-    with Server({"MUSICGEN_MODEL": "debug-melody"}) as server:
-        server.wait()
-        yield server
-
-
 def test_a_melody_changes_the_clip_against_no_melody_same_seed(melody_server):
     assert melody_server.health()["features"]["melody"] is True
     tune = b64(encode(melody(5.0, 44100), 44100, "OGG", "VORBIS"))
@@ -193,14 +186,12 @@ def test_melody_and_continuation_at_once(melody_server):
     assert progress == sorted(progress) and progress[-1] == 100
 
 
-def test_a_stereo_model_continues_in_stereo_in_every_format():
-    with Server({"MUSICGEN_MODEL": "debug-stereo"}) as server:
-        server.wait()
-        for format in ("wav", "flac", "mp3", "ogg"):
-            received = run(server.url, duration=2, format=format, audio_prompt=wav64(1.0, channels=1))
-            samples, rate = samples_of(received[-1])
-            assert (rate, samples.shape[1], received[-1]["channels"]) == (32000, 2, 2)
-            assert abs(len(samples) - 2 * 32000) <= (1152 if format == "mp3" else 0)
+def test_a_stereo_model_continues_in_stereo_in_every_format(stereo_server):
+    for format in ("wav", "flac", "mp3", "ogg"):
+        received = run(stereo_server.url, duration=2, format=format, audio_prompt=wav64(1.0, channels=1))
+        samples, rate = samples_of(received[-1])
+        assert (rate, samples.shape[1], received[-1]["channels"]) == (32000, 2, 2)
+        assert abs(len(samples) - 2 * 32000) <= (1152 if format == "mp3" else 0)
 
 
 # Audio fields as a client might fill them: real files of every length/rate/channel count around the limits,

@@ -121,13 +121,6 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(idle_server):
     completed(idle_server.url, {"description": "still serving", "duration": 1})
 
 
-@pytest.fixture(scope="module")
-def stereo_server():
-    with Server({"MUSICGEN_MODEL": "debug-stereo"}) as s:
-        s.wait()
-        yield s
-
-
 @pytest.mark.parametrize("mbd", [False, True])
 def test_a_stereo_model_gives_a_two_channel_wav(stereo_server, mbd):
     done = completed(stereo_server.url, {"description": "wide", "duration": 2, "mbd": mbd})[-1]

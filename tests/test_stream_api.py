@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.audio_samples import decode, wav64
-from tests.helpers import Server, events, generate
+from tests.helpers import events, generate
 
 RATE = 32000
 # The stream is levelled as it goes, the final clip over its whole length (app/stream_level.py): with the
@@ -144,13 +144,6 @@ def test_a_client_leaving_after_the_first_chunk_frees_the_slot(idle_server):
     assert time.monotonic() - left < 2.0
 
 
-@pytest.fixture(scope="module")
-def stereo_server():
-    with Server({"MUSICGEN_MODEL": "debug-stereo"}) as server:
-        server.wait()
-        yield server
-
-
 def test_a_stereo_model_streams_interleaved_stereo(stereo_server):
     stream = streamed(stereo_server.url, channels=2, duration=3, seed=1, normalization="clip")
     joined = check_contiguous(stream)
@@ -161,12 +154,10 @@ def test_a_stereo_model_streams_interleaved_stereo(stereo_server):
     check_contiguous(stream, first_sample=38 * 1280)  # the prompt as EnCodec frames it: 37.5 -> 38 frames of 25 Hz
 
 
-def test_a_melody_model_streams_a_melody_and_a_prompt_at_once():
+def test_a_melody_model_streams_a_melody_and_a_prompt_at_once(melody_server):
     """The path that runs audiocraft's steps itself (`_generate_tokens`, then `generate_audio`) streams too."""
-    with Server({"MUSICGEN_MODEL": "debug-melody"}) as server:
-        server.wait()
-        stream = streamed(server.url, duration=4, seed=2, melody=wav64(3.0, freq=330.0), audio_prompt=wav64(2.0),
-                          normalization="clip")
+    stream = streamed(melody_server.url, duration=4, seed=2, melody=wav64(3.0, freq=330.0),
+                      audio_prompt=wav64(2.0), normalization="clip")
     assert stream.received[0]["melody"] == {"seconds": 3.0}
     joined = check_contiguous(stream, first_sample=2 * RATE)
     assert np.abs(joined - stream.clip[2 * RATE:]).max() <= 1 / 32768

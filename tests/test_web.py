@@ -153,12 +153,10 @@ def test_upload_a_file_continue_it_play_and_download_the_result(idle_server):
     assert rate == 32000 and samples.shape[1] == 1 and abs(len(samples) - 4 * 32000) <= 1152
 
 
-def test_a_melody_model_offers_a_melody_picker_that_takes_a_dropped_file():
+def test_a_melody_model_offers_a_melody_picker_that_takes_a_dropped_file(melody_server):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "tune.wav").write_bytes(encode(melody(3.0), 32000))
-    with Server(env={"MUSICGEN_MODEL": "debug-melody"}) as server:
-        server.wait()
-        result = run_scenario("melody", server.url)
+    result = run_scenario("melody", melody_server.url)
     assert result["consoleErrors"] == [] and result["chosen"].startswith("tune.wav (")
     assert result["outcome"]["state"] == "done", result["outcome"]
     assert abs(result["played"]["duration"] - 2) < 0.1
