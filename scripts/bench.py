@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
 ARGS = parse_args()
 os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)  # before torch is imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as scripts/gunicorn.conf.py sets it for the service
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # likewise
 
 import torch  # noqa: E402
 
@@ -65,6 +66,7 @@ def machine() -> tp.Dict[str, tp.Any]:
             "cpu_stepping": identity.get("stepping"), "cpu_flags": identity.get("flags"),
             "transparent_hugepages": identity.get("transparent_hugepages"),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "torch_threads": ARGS.threads, "python": platform.python_version(),
             "cpu_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -37,7 +37,8 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         f"with {m['torch_threads']} thread(s) in the decoding-step sections, Python {m['python']}, AVX512-BF16 "
         f"{m['cpu_bf16']}, AMX {m['amx']}; CPU family {m.get('cpu_family')} model {m.get('cpu_model')} stepping "
         f"{m.get('cpu_stepping')}, flags {', '.join(m.get('cpu_flags') or [])}; transparent huge pages "
-        f"`{m.get('transparent_hugepages')}`; OMP_WAIT_POLICY {m.get('omp_wait_policy')}; {m['date']}. No GPU. "
+        f"`{m.get('transparent_hugepages')}`; OMP_WAIT_POLICY {m.get('omp_wait_policy')}; "
+        f"THP_MEM_ALLOC_ENABLE {m.get('thp_mem_alloc_enable')}; {m['date']}. No GPU. "
         "Load (`uptime`) at the start and after each section:",
         "",
         "```", *r["uptime"], "```",
