@@ -6,8 +6,7 @@ On cores shared with other work, OpenMP threads that spin while they wait for ea
 took 32 s with 2 spinning threads against 6.4 s with 1): `scripts/gunicorn.conf.py` sets OMP_WAIT_POLICY=PASSIVE
 before torch starts OpenMP in the worker, so waiting threads sleep instead. Since the decoding step became a few
 hundred small int8 products (app/fast_lm.py, app/lean_step.py), sleeping and waking between them costs more than
-a second core gains: one thread is the default (README, "Threads and shared cores"). The same configuration file
-sets torch's THP_MEM_ALLOC_ENABLE, which puts the large blocks a step streams on huge pages (README, "Huge pages").
+a second core gains: one thread is the default (README, "Threads and shared cores").
 """
 
 import logging
@@ -35,7 +34,6 @@ def apply(setting: int) -> int:
     """Set torch's threads for the calling thread (and the pools it starts); returns the count in effect."""
     threads = resolve(setting)
     torch.set_num_threads(threads)
-    log.info("torch CPU threads %d of %d cores (OMP_WAIT_POLICY=%s, THP_MEM_ALLOC_ENABLE=%s)",
-             torch.get_num_threads(), available_cores(), os.environ.get("OMP_WAIT_POLICY", "unset"),
-             os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"))
+    log.info("torch CPU threads %d of %d cores (OMP_WAIT_POLICY=%s)", torch.get_num_threads(), available_cores(),
+             os.environ.get("OMP_WAIT_POLICY", "unset"))
     return threads

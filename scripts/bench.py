@@ -41,7 +41,6 @@ def parse_args() -> argparse.Namespace:
 ARGS = parse_args()
 os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)  # before torch is imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as scripts/gunicorn.conf.py sets it for the service
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # likewise
 
 import torch  # noqa: E402
 

@@ -12,10 +12,6 @@ import signal
 # preload), and inherits it. Passive: threads that wait for each other sleep instead of spinning, which on cores
 # shared with other work collapsed (app/threads.py). Set it in the environment to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Read by torch's CPU allocator at its first large allocation: blocks of 2 MB and more (the packed int8 weights,
-# the KV cache) go on transparent huge pages (madvise), fewer TLB misses while a step streams ~350 MB of weights:
-# ~8 % per step on the Zen 4 of docs/benchmarks.md. Costs up to 2 MB of padding per block. 0 turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '5555')}"
 workers = 1
