@@ -36,6 +36,7 @@ from einops import rearrange
 from torch.nn import functional as F
 
 from . import lean_step as lean
+from .pair_attention import shared as pair_attention_helper
 
 # Headroom when a static cache must grow (a prompt longer than announced): grow by this factor.
 GROWTH = 2
@@ -284,13 +285,15 @@ def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear) -> int:
 
 
 def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False,
-            packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True) -> tp.Dict[str, int]:
+            packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
+            pair_attention: bool = False) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
     that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`); with both caches,
-    give the layers app/lean_step.py's single-token step unless `lean_step` is False (same logits). Returns how
+    give the layers app/lean_step.py's single-token step unless `lean_step` is False (same logits), its
+    self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py). Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
-    counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0}
+    counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0}
     int8_weights = int8_weights and can_quantize()
     packed_weights = packed_weights or int8_weights  # int8 weights are packed for fbgemm's kernels by nature
     pack: Packer = Int8Linear if int8_weights else PackedLinear
@@ -315,7 +318,9 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
     if counts["static_kv_cache"]:
         lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
     if lean_step and counts["static_kv_cache"]:  # layers with cross-attention need its cache too (`lean._eligible`)
-        counts["lean_step"] = lean.install(lm)  # after packing: the plan binds the products as they end up
+        # After packing: the plan binds the products as they end up.
+        counts["lean_step"] = lean.install(lm, pair_attention_helper() if pair_attention else None)
+        counts["pair_attention"] = lean.paired(lm)
     if counts["packed_weights"]:
         return_freed_memory()
     return counts

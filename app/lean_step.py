@@ -22,7 +22,9 @@ from audiocraft.modules.transformer import (
 )
 from torch.nn import functional as F
 
-__all__ = ["install"]
+from .pair_attention import PairAttention
+
+__all__ = ["install", "paired"]
 
 Kernel = tp.Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,6 +60,7 @@ class _Attention(tp.NamedTuple):
     time_dim: int  # 2: "b h t d" (torch's scaled_dot_product_attention), 1: "b t h d" (einsum)
     memory_efficient: bool
     as_float32: bool
+    pair: tp.Optional[PairAttention] = None  # splits the batch across two cores over long contexts
 
 
 class _Plan(tp.NamedTuple):
@@ -74,15 +77,22 @@ class _Plan(tp.NamedTuple):
     scale2: tp.Optional[Kernel]
 
 
-def install(lm: torch.nn.Module) -> int:
-    """Give every eligible transformer layer of `lm` the lean step; returns how many."""
+def install(lm: torch.nn.Module, pair: tp.Optional[PairAttention] = None) -> int:
+    """Give every eligible transformer layer of `lm` the lean step, its self-attention split across two cores
+    over long contexts with `pair` (app/pair_attention.py); returns how many."""
     count = 0
     for layer in lm.transformer.layers:
         if _eligible(layer):
-            layer.lean_plan = _plan(layer)
+            layer.lean_plan = _plan(layer, pair)
             layer.forward = types.MethodType(_layer_forward, layer)
             count += 1
     return count
+
+
+def paired(lm: torch.nn.Module) -> int:
+    """How many layers split their self-attention across two cores."""
+    plans = (getattr(layer, "lean_plan", None) for layer in lm.transformer.layers)
+    return sum(plan is not None and plan.self_attention.pair is not None for plan in plans)
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
@@ -96,10 +106,11 @@ def _eligible(layer: torch.nn.Module) -> bool:
             and hasattr(layer.self_attn, "static_capacity") and (cross is None or hasattr(cross, "cross_kv_computed")))
 
 
-def _plan(layer: StreamingTransformerLayer) -> _Plan:
+def _plan(layer: StreamingTransformerLayer, pair: tp.Optional[PairAttention]) -> _Plan:
     cross = layer.cross_attention
     return _Plan(
-        norm1=_norm(layer.norm1), self_attention=_attention(layer.self_attn), scale1=_scale(layer.layer_scale_1),
+        norm1=_norm(layer.norm1), self_attention=_attention(layer.self_attn, pair),
+        scale1=_scale(layer.layer_scale_1),
         norm_cross=None if cross is None else _norm(layer.norm_cross),
         cross_attention=None if cross is None else _attention(cross),
         scale_cross=None if cross is None else _scale(layer.layer_scale_cross),
@@ -122,8 +133,9 @@ def _kernel(module: torch.nn.Module) -> Kernel:
     return module.forward
 
 
-def _attention(attn: StreamingMultiheadAttention) -> _Attention:
-    """The projections as fast_lm left them: packed (`_pack_attention`) or audiocraft's fused weight."""
+def _attention(attn: StreamingMultiheadAttention, pair: tp.Optional[PairAttention] = None) -> _Attention:
+    """The projections as fast_lm left them: packed (`_pack_attention`) or audiocraft's fused weight; `pair` where
+    the attention runs torch's kernel (audiocraft's `memory_efficient`, what the released checkpoints use)."""
     project: Kernel
     if attn.in_proj_weight is None:
         project = attn.packed_query.forward if attn.cross_attention else attn.packed_in_proj.forward
@@ -131,7 +143,7 @@ def _attention(attn: StreamingMultiheadAttention) -> _Attention:
         project = _Linear(attn.in_proj_weight, attn.in_proj_bias, attn.embed_dim if attn.cross_attention else None)
     return _Attention(attn, project, _kernel(attn.out_proj), attn.num_heads,
                       _get_attention_time_dimension(attn.memory_efficient), attn.memory_efficient,
-                      attn.attention_as_float32)
+                      attn.attention_as_float32, pair if attn.memory_efficient else None)
 
 
 def _layer_forward(self: StreamingTransformerLayer, src: torch.Tensor, src_mask: tp.Any = None,
@@ -196,7 +208,9 @@ def _attend(attn: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """fast_lm's `_attend` for one query, the last of the keys (no mask), on CPU."""
     if attn.as_float32:
         q, k, v = q.float(), k.float(), v.float()
-    if attn.memory_efficient:
+    if attn.pair is not None and attn.pair.wanted(q, k):
+        x = attn.pair(q, k, v)
+    elif attn.memory_efficient:
         x = F.scaled_dot_product_attention(q, k, v)
     else:  # audiocraft's einsum path, whose layout is always "b t h d"
         q = q / q.shape[-1] ** 0.5

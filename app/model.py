@@ -19,7 +19,7 @@ from audiocraft.modules.conditioners import ChromaStemConditioner
 
 from . import codec as decoder_codec
 from . import cuda_graph as graph_decoding
-from . import debug_models, fast_lm
+from . import debug_models, fast_lm, threads
 from . import precision as lm_precision
 from .config import Settings
 from .params import MIN_CONTINUATION_SECONDS, AudioClip, GenerationParams, UnsupportedRequest
@@ -47,16 +47,21 @@ class Speedups:
     packed_weights: bool = False  # MUSICGEN_PACKED_WEIGHTS (app/fast_lm.py)
     decoder_precision: str = "fp32"  # EnCodec's decoder (MUSICGEN_DECODER_PRECISION, app/codec.py)
     cuda_graph: bool = False  # MUSICGEN_CUDA_GRAPH (app/cuda_graph.py)
+    parallel_attention: bool = False  # MUSICGEN_PARALLEL_ATTENTION (app/pair_attention.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Speedups":
+        # A second core for attention where a generation runs one torch thread (with more, torch's own threads
+        # split the attention already) and this process may use another.
+        parallel_attention = (settings.parallel_attention and threads.resolve(settings.cpu_threads) == 1
+                              and threads.available_cores() >= 2)
         return cls(settings.precision, settings.cross_kv_cache, settings.static_kv_cache, settings.packed_weights,
-                   settings.decoder_precision, settings.cuda_graph)
+                   settings.decoder_precision, settings.cuda_graph, parallel_attention)
 
     @property
     def on_cpu_only(self) -> bool:
         """Whether any speed-up that is checked on CPU only is asked for."""
-        return self.cross_kv_cache or self.static_kv_cache or self.packed_weights
+        return self.cross_kv_cache or self.static_kv_cache or self.packed_weights or self.parallel_attention
 
 
 class MusicModel:
@@ -102,11 +107,11 @@ class MusicModel:
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
             speedups = dataclasses.replace(speedups, cross_kv_cache=False, static_kv_cache=False,
-                                           packed_weights=False)
+                                           packed_weights=False, parallel_attention=False)
         resolved = lm_precision.apply(lm, speedups.precision, device)
         log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
             lm, speedups.cross_kv_cache, speedups.static_kv_cache, speedups.packed_weights,
-            int8_weights=resolved == "int8-dynamic"))
+            int8_weights=resolved == "int8-dynamic", pair_attention=speedups.parallel_attention))
         log.info("EnCodec decoder precision %s",
                  decoder_codec.apply(self.musicgen.compression_model, speedups.decoder_precision, device))
         if speedups.cuda_graph and device.startswith("cuda"):

@@ -7,6 +7,7 @@ each variant's time is compared with stock's time at the same step under the sam
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 import typing as tp
@@ -15,6 +16,9 @@ import torch
 from audiocraft.models.lm import LMModel
 
 from app import debug_models, fast_lm, precision
+from app.config import Settings
+from app.model import Speedups
+from scripts.bench_threads import hogs
 
 CFG_COEF = 3.0
 STOCK = "audiocraft fp32 (stock)"
@@ -23,6 +27,10 @@ BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU defau
 DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
 # The same without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean step saves.
 DEFAULT_STOCK_LAYER = DEFAULT + ", stock layer forward"
+# The default's self-attention over long contexts on one core (app/pair_attention.py off; long-context probe only).
+DEFAULT_ONE_CORE = DEFAULT + ", attention on one core"
+# Whether the service splits attention across two cores here (a generation on one thread, a second core free).
+PAIR_ATTENTION = Speedups.from_settings(Settings()).parallel_attention
 
 
 def _shared_copy(lm: LMModel) -> LMModel:
@@ -45,9 +53,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     precision.apply(bf16, "bf16", "cpu")
     bf16_fast = _shared_copy(bf16)  # shares the bf16 weights; hooks and class come along with the copy
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
-    int8 = copy.deepcopy(stock)
-    precision.apply(int8, "int8-dynamic", "cpu")
-    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True)
+    int8 = _int8_default(stock, PAIR_ATTENTION)
     int8_stock_layer = copy.deepcopy(stock)
     precision.apply(int8_stock_layer, "int8-dynamic", "cpu")
     fast_lm.install(int8_stock_layer, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, lean_step=False)
@@ -61,6 +67,13 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
             DEFAULT: int8, DEFAULT_STOCK_LAYER: int8_stock_layer}
+
+
+def _int8_default(stock: LMModel, pair_attention: bool) -> LMModel:
+    int8 = copy.deepcopy(stock)
+    precision.apply(int8, "int8-dynamic", "cpu")
+    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention)
+    return int8
 
 
 def sharpen(lm: LMModel, factor: float) -> LMModel:
@@ -190,27 +203,38 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
                                                 DEFAULT_STOCK_LAYER)}
+    if PAIR_ATTENTION:
+        chosen[DEFAULT_ONE_CORE] = _int8_default(variants[STOCK], pair_attention=False)
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
-    out = {}
-    with torch.inference_mode():
-        for name, lm in chosen.items():
-            for module in lm.modules():
-                if hasattr(module, "static_capacity"):
-                    module.static_capacity = context + steps
-            with lm.streaming():
-                t = time.perf_counter()
-                lm(tokens[..., :context], [], condition_tensors=cond)
-                prefill = time.perf_counter() - t
-                ts = []
-                for i in range(context, context + steps):
-                    t = time.perf_counter()
-                    lm(tokens[..., i: i + 1], [], condition_tensors=cond)
-                    ts.append(time.perf_counter() - t)
-            out[name] = {"prefill_ms_per_token": round(1000 * prefill / context, 2),
-                         "ms_per_step_at_context": round(1000 * statistics.median(ts), 1)}
+    out = {name: _at_context(lm, cond, tokens, context) for name, lm in chosen.items()}
+    if PAIR_ATTENTION:  # the same two again with a CPU hog on every core: is the second core worth it when shared?
+        with hogs(len(os.sched_getaffinity(0))):
+            for name in (DEFAULT, DEFAULT_ONE_CORE):
+                out[name]["ms_per_step_with_hogs"] = _at_context(chosen[name], cond, tokens, context)[
+                    "ms_per_step_at_context"]
     return {"context": context, "variants": out}
+
+
+def _at_context(lm: LMModel, cond: tp.Dict[str, tp.Any], tokens: torch.Tensor, context: int) -> tp.Dict[str, float]:
+    """Prefill `context` tokens, then time single steps there (median)."""
+    steps = tokens.shape[-1] - context
+    with torch.inference_mode():
+        for module in lm.modules():
+            if hasattr(module, "static_capacity"):
+                module.static_capacity = context + steps
+        with lm.streaming():
+            t = time.perf_counter()
+            lm(tokens[..., :context], [], condition_tensors=cond)
+            prefill = time.perf_counter() - t
+            ts = []
+            for i in range(context, context + steps):
+                t = time.perf_counter()
+                lm(tokens[..., i: i + 1], [], condition_tensors=cond)
+                ts.append(time.perf_counter() - t)
+    return {"prefill_ms_per_token": round(1000 * prefill / context, 2),
+            "ms_per_step_at_context": round(1000 * statistics.median(ts), 1)}
 
 
 def decode_costs(lm_steps: tp.Dict[str, tp.Any], probe: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
@@ -223,7 +247,8 @@ def decode_costs(lm_steps: tp.Dict[str, tp.Any], probe: tp.Dict[str, tp.Any]) ->
     frame_rate, max_duration, stride = 50, 30.0, 18.0
     curves: tp.Dict[str, tp.Dict[int, float]] = {}
     for name, at_context in probe["variants"].items():
-        c0 = lm_steps["variants"][name]["ms_per_step"] / 1000
+        # Below app/pair_attention.py's threshold the default is the same step on one core or two.
+        c0 = lm_steps["variants"][DEFAULT if name == DEFAULT_ONE_CORE else name]["ms_per_step"] / 1000
         slope = max(0.0, at_context["ms_per_step_at_context"] / 1000 - c0) / probe["context"]
         prefill = at_context["prefill_ms_per_token"] / 1000
         curve = {}

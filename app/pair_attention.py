@@ -1,0 +1,105 @@
+"""Self-attention over a long context on two cores: the two halves of the CFG batch attend at once.
+
+A generation runs on one torch thread: its step is a few hundred small products, and waking a second thread for
+each cost more than the core gained (README, "Threads and shared cores"). Attention over the KV cache is the
+exception: one large read per layer that grows with the context (at 1500 steps, the 24 layers of musicgen-small
+read 590 MB of fp32 keys and values per step, ~45 ms on one core). Past `MIN_KEYS` keys, the second half of the
+batch (CFG's unconditional rows) attends on a long-lived helper thread while the caller does the first: the same
+kernel on the same rows, so the result is bit-identical, and the two cores together read the cache ~1.5x faster
+(a whole step: 1.11x at 600 steps, 1.19x at 1400, paired).
+Handing over costs ~75 us, more than the second core gains over short contexts. The helper runs one torch thread
+and waits on a queue, so it takes nothing while the service is idle; when another process takes the second core
+the attention is no faster, but nothing spins (README, "Attention on a second core").
+"""
+
+import functools
+import queue
+import threading
+import typing as tp
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["MIN_KEYS", "PairAttention", "shared"]
+
+MIN_KEYS = 256  # measured: 1.4x at 300 keys over 24 layers, slower than one core at 20
+
+
+class _Job:
+    """One half's attention, run by whichever thread claims it first: the helper, or the caller once its own half
+    is done. The caller never waits for a helper that has not started (another process may hold the other core:
+    then the caller does both halves, as on one core), only for one that is running the job."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.args = (q, k, v)
+        self.inference = torch.is_inference_mode_enabled()  # thread-local: the helper takes the caller's
+        self._claim = threading.Lock()
+        self._claimed = False
+        self.done = threading.Event()
+        self.result: tp.Optional[torch.Tensor] = None
+        self.error: tp.Optional[BaseException] = None
+
+    def claim(self) -> bool:
+        """True for the one thread that is to run it."""
+        with self._claim:
+            claimed, self._claimed = self._claimed, True
+        return not claimed
+
+    def run(self) -> None:
+        try:
+            with torch.inference_mode(self.inference):
+                self.result = F.scaled_dot_product_attention(*self.args)
+        except BaseException as error:  # handed to the caller, which raises it
+            self.error = error
+        finally:
+            self.args = ()
+            self.done.set()
+
+    def finish(self) -> torch.Tensor:
+        """The caller's side: run the job here if the helper has not claimed it, else wait for the helper."""
+        if self.claim():
+            self.run()
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class PairAttention:
+    """`scaled_dot_product_attention` with the batch split between the calling thread and one helper thread,
+    started at the first call. One helper serves every caller in the process (`shared`; jobs queue up)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._starting = threading.Lock()
+        self._thread: tp.Optional[threading.Thread] = None
+
+    @staticmethod
+    def wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether splitting pays: a batch to split and a long context ("b h t d" layout)."""
+        return q.shape[0] >= 2 and k.shape[2] >= MIN_KEYS
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        half = q.shape[0] // 2
+        job = _Job(q[half:], k[half:], v[half:])
+        with self._starting:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="pair-attention", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+        first = F.scaled_dot_product_attention(q[:half], k[:half], v[:half])
+        return torch.cat([first, job.finish()])
+
+    def _serve(self) -> None:
+        torch.set_num_threads(1)  # a new thread would otherwise start torch's default team (every core)
+        while True:
+            job = self._jobs.get()
+            if job.claim():
+                job.run()
+
+
+@functools.cache
+def shared() -> PairAttention:
+    """The process's one helper."""
+    return PairAttention()
