@@ -6,10 +6,11 @@ exception: one large read per layer that grows with the context (at 1500 steps, 
 read 590 MB of fp32 keys and values per step, ~45 ms on one core). Past `MIN_KEYS` keys, the second half of the
 batch (CFG's unconditional rows) attends on a long-lived helper thread while the caller does the first: the same
 kernel on the same rows, so the result is bit-identical, and the two cores together read the cache ~1.5x faster
-(a whole step: 1.11x at 600 steps, 1.19x at 1400, paired).
-Handing over costs ~75 us, more than the second core gains over short contexts. The helper runs one torch thread
-and waits on a queue, so it takes nothing while the service is idle; when another process takes the second core
-the attention is no faster, but nothing spins (README, "Attention on a second core").
+(a whole step: 1.11x at 600 steps, 1.19x at 1400, paired). Handing over costs ~75 us, more than the second core
+gains over short contexts. The helper runs one torch thread and sleeps on a queue between jobs, so nothing spins;
+and where another process holds the second core, a helper that has not started by the time the caller's half is
+done leaves its job to the caller (`_Job`), so a step never waits for the scheduler to give the helper a turn
+(README, "Attention on a second core").
 """
 
 import functools
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 
 __all__ = ["MIN_KEYS", "PairAttention", "shared"]
 
-MIN_KEYS = 256  # measured: 1.4x at 300 keys over 24 layers, slower than one core at 20
+MIN_KEYS = 256  # measured on attention alone, 24 layers: 1.4x at 300 keys, 2.5x slower at 20
 
 
 class _Job:
