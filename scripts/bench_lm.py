@@ -27,7 +27,7 @@ BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU defau
 DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
 # The same without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean step saves.
 DEFAULT_STOCK_LAYER = DEFAULT + ", stock layer forward"
-# The default's self-attention over long contexts on one core (app/pair_attention.py off; long-context probe only).
+# The default's self-attention over long contexts on one core (app/pair_attention.py off), paired with it.
 DEFAULT_ONE_CORE = DEFAULT + ", attention on one core"
 # Whether the service splits attention across two cores here (a generation on one thread, a second core free).
 PAIR_ATTENTION = Speedups.from_settings(Settings()).parallel_attention
@@ -203,18 +203,49 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
                                                 DEFAULT_STOCK_LAYER)}
-    if PAIR_ATTENTION:
-        chosen[DEFAULT_ONE_CORE] = _int8_default(variants[STOCK], pair_attention=False)
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
-    out = {name: _at_context(lm, cond, tokens, context) for name, lm in chosen.items()}
-    if PAIR_ATTENTION:  # the same two again with a CPU hog on every core: is the second core worth it when shared?
-        with hogs(len(os.sched_getaffinity(0))):
-            for name in (DEFAULT, DEFAULT_ONE_CORE):
-                out[name]["ms_per_step_with_hogs"] = _at_context(chosen[name], cond, tokens, context)[
-                    "ms_per_step_at_context"]
-    return {"context": context, "variants": out}
+    at_context = {name: _at_context(lm, cond, tokens, context) for name, lm in chosen.items()}
+    out: tp.Dict[str, tp.Any] = {"context": context, "variants": at_context}
+    if PAIR_ATTENTION:
+        one_core = _int8_default(variants[STOCK], pair_attention=False)
+        out["pair_attention"] = pair_attention_comparison(variants[DEFAULT], one_core, cond)
+    return out
+
+
+def pair_attention_comparison(paired: LMModel, one_core: LMModel, cond: tp.Dict[str, tp.Any],
+                              contexts: tp.Sequence[int] = (600, 1400), steps: int = 30) -> tp.Dict[str, tp.Any]:
+    """The default with and without app/pair_attention.py, stepping in turn at each context (paired per step),
+    quiet and with a CPU hog on every core: median ms/step and the median of one core's time / the pair's."""
+    out: tp.Dict[str, tp.Any] = {"steps": steps, "one_core": DEFAULT_ONE_CORE}
+    for phase in ("quiet", "with_hogs"):
+        with hogs(len(os.sched_getaffinity(0))) if phase == "with_hogs" else contextlib.nullcontext():
+            out[phase] = {context: _interleaved({"pair": paired, "one_core": one_core}, cond, context, steps)
+                          for context in contexts}
+    return out
+
+
+def _interleaved(lms: tp.Dict[str, LMModel], cond: tp.Dict[str, tp.Any], context: int,
+                 steps: int) -> tp.Dict[str, float]:
+    tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps),
+                           generator=torch.Generator().manual_seed(context))
+    times: tp.Dict[str, tp.List[float]] = {name: [] for name in lms}
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for lm in lms.values():
+            for module in lm.modules():
+                if hasattr(module, "static_capacity"):
+                    module.static_capacity = context + steps
+            stack.enter_context(lm.streaming())
+            lm(tokens[..., :context], [], condition_tensors=cond)
+        for i in range(context, context + steps):
+            for name, lm in lms.items():
+                t = time.perf_counter()
+                lm(tokens[..., i: i + 1], [], condition_tensors=cond)
+                times[name].append(time.perf_counter() - t)
+    ratios = [one / pair for one, pair in zip(times["one_core"], times["pair"], strict=True)]
+    return {**{f"{name}_ms": round(1000 * statistics.median(ts), 1) for name, ts in times.items()},
+            "one_core_over_pair": round(statistics.median(ratios), 3)}
 
 
 def _at_context(lm: LMModel, cond: tp.Dict[str, tp.Any], tokens: torch.Tensor, context: int) -> tp.Dict[str, float]:
@@ -247,8 +278,7 @@ def decode_costs(lm_steps: tp.Dict[str, tp.Any], probe: tp.Dict[str, tp.Any]) ->
     frame_rate, max_duration, stride = 50, 30.0, 18.0
     curves: tp.Dict[str, tp.Dict[int, float]] = {}
     for name, at_context in probe["variants"].items():
-        # Below app/pair_attention.py's threshold the default is the same step on one core or two.
-        c0 = lm_steps["variants"][DEFAULT if name == DEFAULT_ONE_CORE else name]["ms_per_step"] / 1000
+        c0 = lm_steps["variants"][name]["ms_per_step"] / 1000
         slope = max(0.0, at_context["ms_per_step_at_context"] / 1000 - c0) / probe["context"]
         prefill = at_context["prefill_ms_per_token"] / 1000
         curve = {}

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from app.pair_attention import MIN_KEYS  # noqa: E402
-from scripts.bench_lm import BF16_DEFAULT, DEFAULT, DEFAULT_ONE_CORE  # noqa: E402
+from scripts.bench_lm import BF16_DEFAULT, DEFAULT  # noqa: E402
 
 
 def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> str:
@@ -99,22 +99,24 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
     if "long_context" not in r or "decode_costs" not in r:
         return []
     probe = r["long_context"]
-    one_core = probe["variants"].get(DEFAULT_ONE_CORE)
-    split = [] if one_core is None else [
-        f"The default's self-attention splits the CFG pair across two cores once the context passes "
-        f"{MIN_KEYS} steps (app/pair_attention.py); \"{DEFAULT_ONE_CORE}\" is the same step without it: "
-        f"{probe['variants'][DEFAULT]['ms_per_step_at_context']} against {one_core['ms_per_step_at_context']} ms "
-        f"quiet, {probe['variants'][DEFAULT]['ms_per_step_with_hogs']} against {one_core['ms_per_step_with_hogs']} "
-        "ms with a CPU hog on every core.", ""]
+    pair = probe.get("pair_attention")
+    split = [] if pair is None else [
+        f"The default's self-attention splits the CFG pair across two cores once the context passes {MIN_KEYS} "
+        f"steps (app/pair_attention.py). The default and \"{pair['one_core']}\" stepping in turn, {pair['steps']} "
+        "steps at each context; the last column is the median over steps of one core's time / the pair's:",
+        "",
+        _table(["context", "cores", "pair ms/step", "one core ms/step", "one core / pair"],
+               [[context, phase.replace("_", " "), v["pair_ms"], v["one_core_ms"], v["one_core_over_pair"]]
+                for phase in ("quiet", "with_hogs") for context, v in pair[phase].items()]),
+        ""]
     return [
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
-        *split,
-        _table(["variant", "prefill ms/token", f"ms/step at {probe['context']}",
-                f"ms/step at {probe['context']}, a CPU hog on every core"],
-               [[name, v["prefill_ms_per_token"], v["ms_per_step_at_context"], v.get("ms_per_step_with_hogs", "-")]
+        _table(["variant", "prefill ms/token", f"ms/step at {probe['context']}"],
+               [[name, v["prefill_ms_per_token"], v["ms_per_step_at_context"]]
                 for name, v in probe["variants"].items()]),
         "",
+        *split,
         "## LM seconds per second of audio, musicgen-small size, 1 to 60 s (extrapolated; plot, left)",
         "",
         r["decode_costs"]["method"].strip().replace("\n    ", " "),
