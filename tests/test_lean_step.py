@@ -19,21 +19,25 @@ SIZES = {"debug": {}, "small-random": SMALL}  # einsum attention; scaled_dot_pro
 PRECISIONS = [("fp32", False), ("fp32", True), ("bf16", True), ("bf16-autocast", False), ("int8-dynamic", True)]
 
 
-def pair(sizes: tp.Dict[str, tp.Any], name: str, packed: bool) -> tp.Tuple[LMModel, LMModel]:
-    """The same LM twice, converted and sped up alike, the second with the lean step."""
+def converted(built: LMModel, name: str, packed: bool, **install: bool) -> tp.Tuple[LMModel, tp.Dict[str, int]]:
+    """A copy of `built` in precision `name` with both caches, sped up by `fast_lm.install(**install)`, and what
+    that install reached."""
     if name == "int8-dynamic" and not fast_lm.can_quantize():
         pytest.skip("no fbgemm int8 kernels here")
+    lm = copy.deepcopy(built)
+    resolved = precision.apply(lm, name, "cpu")
+    counts = fast_lm.install(lm, cross_kv_cache=True, static_kv_cache=True, packed_weights=packed,
+                             int8_weights=resolved == "int8-dynamic", **install)
+    return lm.eval(), counts
+
+
+def pair(sizes: tp.Dict[str, tp.Any], name: str, packed: bool) -> tp.Tuple[LMModel, LMModel]:
+    """The same LM twice, converted and sped up alike, the second with the lean step."""
     torch.manual_seed(0)
     built = debug_models.build_lm(**sizes)
-    lms = []
-    for lean in (False, True):
-        lm = copy.deepcopy(built)
-        resolved = precision.apply(lm, name, "cpu")
-        counts = fast_lm.install(lm, cross_kv_cache=True, static_kv_cache=True, packed_weights=packed,
-                                 int8_weights=resolved == "int8-dynamic", lean_step=lean)
-        assert counts["lean_step"] == (len(lm.transformer.layers) if lean else 0)
-        lms.append(lm.eval())
-    return lms[0], lms[1]
+    (plain, counts), (lean, lean_counts) = (converted(built, name, packed, lean_step=lean) for lean in (False, True))
+    assert (counts["lean_step"], lean_counts["lean_step"]) == (0, len(lean.transformer.layers))
+    return plain, lean
 
 
 def conditions(lm: LMModel, description: str = "90s rock") -> tp.Dict[str, tp.Any]:

@@ -1,19 +1,18 @@
 """Self-attention over long contexts on two cores (app/pair_attention.py): bit-identical to one call, in the lean
 step and in whole generations, with errors reaching the caller, and on only where it can pay."""
 
-import copy
 import threading
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from app import debug_models, fast_lm, pair_attention, precision, threads
+from app import debug_models, pair_attention, threads
 from app.config import Settings
 from app.model import Speedups
 from app.pair_attention import MIN_KEYS, PairAttention
 from tests.test_fast_lm import SMALL, greedy_tokens, musicgen, with_speedups
-from tests.test_lean_step import blocks, conditions, decode
+from tests.test_lean_step import blocks, conditions, converted, decode
 
 
 def cache(batch: int, keys: int, heads: int = 4, dim: int = 16, capacity: int = 1600) -> torch.Tensor:
@@ -93,18 +92,11 @@ def counting(monkeypatch) -> list:
 
 @pytest.mark.parametrize("name", ["fp32", "int8-dynamic"])
 def test_lean_step_logits_stay_bit_identical_past_the_threshold(name, monkeypatch):
-    if name == "int8-dynamic" and not fast_lm.can_quantize():
-        pytest.skip("no fbgemm int8 kernels here")
     torch.manual_seed(0)
     built = debug_models.build_lm(**SMALL)
-    lms = []
-    for pair in (False, True):
-        lm = copy.deepcopy(built)
-        resolved = precision.apply(lm, name, "cpu")
-        counts = fast_lm.install(lm, cross_kv_cache=True, static_kv_cache=True, packed_weights=True,
-                                 int8_weights=resolved == "int8-dynamic", pair_attention=pair)
-        assert counts["pair_attention"] == (len(lm.transformer.layers) if pair else 0)
-        lms.append(lm.eval())
+    (one, counts), (two, paired) = (converted(built, name, True, pair_attention=pair) for pair in (False, True))
+    assert (counts["pair_attention"], paired["pair_attention"]) == (0, len(two.transformer.layers))
+    lms = [one, two]
     calls = counting(monkeypatch)
     decode(lms, blocks(lms[0].card, MIN_KEYS - 2, 6), [conditions(lms[0])] * 7)
     # A prompt of MIN_KEYS - 2 steps, then 6 single steps over MIN_KEYS - 1 to MIN_KEYS + 4 keys: from MIN_KEYS on,
