@@ -96,12 +96,11 @@ def test_lean_step_logits_stay_bit_identical_past_the_threshold(name, monkeypatc
     built = debug_models.build_lm(**SMALL)
     (one, counts), (two, paired) = (converted(built, name, True, pair_attention=pair) for pair in (False, True))
     assert (counts["pair_attention"], paired["pair_attention"]) == (0, len(two.transformer.layers))
-    lms = [one, two]
     calls = counting(monkeypatch)
-    decode(lms, blocks(lms[0].card, MIN_KEYS - 2, 6), [conditions(lms[0])] * 7)
+    decode([one, two], blocks(one.card, MIN_KEYS - 2, 6), [conditions(one)] * 7)
     # A prompt of MIN_KEYS - 2 steps, then 6 single steps over MIN_KEYS - 1 to MIN_KEYS + 4 keys: from MIN_KEYS on,
     # every layer's self-attention splits.
-    assert calls == [keys for keys in range(MIN_KEYS, MIN_KEYS + 5) for _ in lms[1].transformer.layers]
+    assert calls == [keys for keys in range(MIN_KEYS, MIN_KEYS + 5) for _ in two.transformer.layers]
 
 
 def test_greedy_generation_gives_the_same_tokens(monkeypatch):
