@@ -17,16 +17,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="session")
-def server():
-    """One real server with the debug model, shared by the tests that leave it idle when they end."""
-    with Server() as s:
+def _started(env=None):
+    with Server(env) as s:
         s.wait()
         yield s
 
 
-@pytest.fixture
-def idle_server(server):
+def _idle(server):
     """The shared server, checked to be idle before and after the test."""
     server.wait(timeout=10)
     yield server
@@ -34,33 +31,37 @@ def idle_server(server):
 
 
 @pytest.fixture(scope="session")
+def server():
+    """One real server with the debug model, shared by the tests that leave it idle when they end."""
+    yield from _started()
+
+
+@pytest.fixture
+def idle_server(server):
+    """The shared server, checked to be idle before and after the test."""
+    yield from _idle(server)
+
+
+@pytest.fixture(scope="session")
 def _stereo_server():
-    with Server({"MUSICGEN_MODEL": "debug-stereo"}) as s:
-        s.wait()
-        yield s
+    yield from _started({"MUSICGEN_MODEL": "debug-stereo"})
 
 
 @pytest.fixture
 def stereo_server(_stereo_server):
     """One shared server with the stereo debug model, idle before and after the test."""
-    _stereo_server.wait(timeout=10)
-    yield _stereo_server
-    _stereo_server.wait(timeout=10)
+    yield from _idle(_stereo_server)
 
 
 @pytest.fixture(scope="session")
 def _melody_server():
-    with Server({"MUSICGEN_MODEL": "debug-melody"}) as s:
-        s.wait()
-        yield s
+    yield from _started({"MUSICGEN_MODEL": "debug-melody"})
 
 
 @pytest.fixture
 def melody_server(_melody_server):
     """One shared server with the melody debug model, idle before and after the test."""
-    _melody_server.wait(timeout=10)
-    yield _melody_server
-    _melody_server.wait(timeout=10)
+    yield from _idle(_melody_server)
 
 
 @pytest.fixture(scope="session")
