@@ -6,6 +6,7 @@ import typing as tp
 
 from flask import Flask
 
+from . import threads
 from .config import Settings
 from .errors import register_error_handlers
 from .generation import GenerationService, Model
@@ -30,7 +31,8 @@ def create_app(settings: tp.Optional[Settings] = None,
     if load_model is None:
         from .model import MusicModel
         load_model = functools.partial(MusicModel.from_settings, settings)
-    service = GenerationService(load_model, settings.normalize, settings.idle_unload_seconds, settings.cpu_threads)
+    service = GenerationService(load_model, settings.normalize, settings.idle_unload_seconds,
+                                threads.CpuThreads(settings.cpu_threads))
     from . import api, auth, cors, metrics, web
     metrics.install(app, service)  # before start: the worker reports every job to it
     app.extensions["musicgen"] = service.start()

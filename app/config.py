@@ -72,8 +72,9 @@ class Settings:
     # separated by commas or spaces; `*` (default): any origin, without credentials. Others get no CORS headers.
     cors_origins: str = "*"
     # MUSICGEN_CPU_THREADS: torch's CPU threads for a generation, set on the generation thread (app/threads.py).
-    # 1 by default: the fastest measured setting on shared cores; 0: every core this process may use.
-    cpu_threads: int = 1
+    # 0 by default: every core this process may use while no other process uses them, one thread while one does;
+    # a count: always that many.
+    cpu_threads: int = 0
     # MUSICGEN_DECODER_PRECISION: the EnCodec decoder's precision on CPU: auto (bf16 where the CPU has native bf16,
     # else fp32), fp32 or bf16 (app/codec.py). CUDA keeps fp32.
     decoder_precision: str = "auto"
@@ -89,7 +90,8 @@ class Settings:
     # MUSICGEN_PARALLEL_ATTENTION: on CPU, once the context passes 256 steps, the CFG batch's two halves attend over
     # the KV cache at once, the second on a helper thread (app/pair_attention.py): bit-identical, 1.08-1.13x per step
     # at 600 steps and 1.18-1.24x at 1400 (paired; up to ~10 % slower while other processes hold both cores), where a
-    # generation runs one torch thread and this process may use two cores or more. 0: one core for everything.
+    # generation runs one torch thread (MUSICGEN_CPU_THREADS 1, or 0 while other processes use the cores) and this
+    # process may use two cores or more. 0: one core for everything.
     parallel_attention: bool = True
 
     def __post_init__(self) -> None:
@@ -111,7 +113,8 @@ class Settings:
             raise ConfigError(f"MUSICGEN_DECODER_PRECISION={self.decoder_precision!r}: use one of "
                               f"{', '.join(DECODER_PRECISIONS)}")
         if self.cpu_threads < 0:
-            raise ConfigError("MUSICGEN_CPU_THREADS must be 0 (every core this process may use) or more")
+            raise ConfigError("MUSICGEN_CPU_THREADS must be 0 (every core this process may use while no other "
+                              "process uses them) or a count of threads")
         if any(not TYPE_NAME.match(name) for name in self.trusted_types):
             raise ConfigError(f"MUSICGEN_TRUSTED_CHECKPOINT_TYPES={self.trusted_checkpoint_types!r}: "
                               "use fully qualified names separated by commas, e.g. pathlib.PosixPath")

@@ -147,7 +147,7 @@ class GenerationService:
     """One generation at a time, on one long-lived thread that also loads the model."""
 
     def __init__(self, load_model: tp.Callable[[], Model], normalize: str = "loudness",
-                 idle_unload_seconds: float = 0.0, cpu_threads: tp.Optional[int] = None):
+                 idle_unload_seconds: float = 0.0, cpu_threads: tp.Optional[threads.CpuThreads] = None):
         self._load_model = load_model
         self._cpu_threads = cpu_threads  # MUSICGEN_CPU_THREADS, set on the generation thread; None: torch's own
         self._normalize = normalize
@@ -224,7 +224,7 @@ class GenerationService:
 
     def _run(self) -> None:
         if self._cpu_threads is not None:  # torch's thread count belongs to the thread that sets it: this one
-            threads.apply(self._cpu_threads)
+            self._cpu_threads.apply()
         try:
             self.model = self._load_model()
         except Exception as e:
@@ -319,11 +319,15 @@ class GenerationService:
         def on_step(stage: str) -> None:
             if job.cancelled.is_set():
                 raise Cancelled(job.reason)
+            if self._cpu_threads is not None:
+                self._cpu_threads.on_step(stage)
             percent = progress.step(stage)
             if percent is not None:
                 job.events.put({"event": "progress", "progress": percent})
 
         started = time.monotonic()
+        if self._cpu_threads is not None:
+            self._cpu_threads.begin()
         # Only a streamed job passes the streaming arguments: a model without streaming never sees them.
         stream = {"on_audio": self._audio_events(job), "level": self._normalization(params)} \
             if params.stream_audio else {}

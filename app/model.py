@@ -51,9 +51,9 @@ class Speedups:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Speedups":
-        # A second core for attention where a generation runs one torch thread (with more, torch's own threads
-        # split the attention already) and this process may use another.
-        parallel_attention = (settings.parallel_attention and threads.resolve(settings.cpu_threads) == 1
+        # A second core for attention where a generation may run one torch thread (with more, torch's own threads
+        # split the attention already: app/pair_attention.py steps aside) and this process may use another.
+        parallel_attention = (settings.parallel_attention and settings.cpu_threads in (0, 1)
                               and threads.available_cores() >= 2)
         return cls(settings.precision, settings.cross_kv_cache, settings.static_kv_cache, settings.packed_weights,
                    settings.decoder_precision, settings.cuda_graph, parallel_attention)

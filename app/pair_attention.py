@@ -1,7 +1,8 @@
 """Self-attention over a long context on two cores: the two halves of the CFG batch attend at once.
 
-A generation runs on one torch thread: its step is a few hundred small products, and waking a second thread for each
-cost more than the core gained (README, "Threads and shared cores"). Attention over the KV cache is the exception:
+Where other processes use the cores, a generation runs on one torch thread (app/threads.py): its step is a few hundred
+small products, and threads that sleep between them cost more than the second core gained, while spinning ones
+collapse (README, "Threads and shared cores"). Attention over the KV cache is the exception to that one thread:
 one large read per layer that grows with the context (at 1500 steps, the 24 layers of musicgen-small read 590 MB of
 fp32 keys and values per step, ~45 ms on one core). Past `MIN_KEYS` keys, the second half of the batch (CFG's
 unconditional rows) attends on a long-lived helper thread while the caller does the first: the same kernel on the
@@ -78,8 +79,9 @@ class PairAttention:
 
     @staticmethod
     def wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether splitting pays: a batch to split and a long context ("b h t d" layout)."""
-        return q.shape[0] >= 2 and k.shape[2] >= MIN_KEYS
+        """Whether splitting pays: a batch to split, a long context ("b h t d" layout), and a caller on one torch
+        thread (with more, as app/threads.py gives a generation on cores no other process uses, they split it)."""
+        return q.shape[0] >= 2 and k.shape[2] >= MIN_KEYS and torch.get_num_threads() == 1
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         half = q.shape[0] // 2

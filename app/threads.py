@@ -2,19 +2,35 @@
 
 torch's intra-op pool is OpenMP's, and OpenMP's thread count belongs to the thread that sets it: the service
 sets it on its one generation thread (app/generation.py), before that thread loads or runs the model.
-On cores shared with other work, OpenMP threads that spin while they wait for each other collapse (a 1 s clip
-took 32 s with 2 spinning threads against 6.4 s with 1): `scripts/gunicorn.conf.py` sets OMP_WAIT_POLICY=PASSIVE
-before torch starts OpenMP in the worker, so waiting threads sleep instead. Since the decoding step became a few
-hundred small int8 products (app/fast_lm.py, app/lean_step.py), sleeping and waking between them costs more than
-a second core gains: one thread is the default (README, "Threads and shared cores").
+
+A decoding step is a few hundred small int8 products (app/fast_lm.py, app/lean_step.py). Several threads pay only
+while OpenMP's threads spin between them: on a 2-core machine to itself, 2 spinning threads made whole clips
+1.2-1.5x faster than 1 (README, "Threads and shared cores"). But spinning threads that wait for each other
+collapse as soon as another process takes a core (a 1 s clip: 6x the quiet time, against 2x for 1 thread), and
+threads that sleep instead (OMP_WAIT_POLICY=PASSIVE) were slower than 1 thread quiet. Hence the default,
+`CpuThreads(0)`: every core while no other process uses them, one thread while one does. It looks before each
+generation (the other processes' CPU time on these cores over 50 ms, /proc/stat), and after each step of a
+generation on several threads (the time this process's threads waited for a core, schedstat): a step whose
+threads spent a quarter of it waiting ends the generation on one thread. A count (1, 2, ...) is always that.
 """
 
+import contextlib
 import logging
 import os
+import time
+import typing as tp
 
 import torch
 
 log = logging.getLogger(__name__)
+
+# Above these shares, the cores count as shared: other processes' CPU time over the cores' time since the last
+# look; the time this process's threads waited for a core over a step's time (2 spinning threads under a CPU hog
+# on each core: ~1.0; quiet: ~0.0).
+BUSY_SHARE = 0.25
+WAIT_SHARE = 0.25
+# How long a generation looks at the cores before it starts: /proc/stat counts in ticks of 10 ms, so 5 per core.
+LOOK_SECONDS = 0.05
 
 
 def available_cores() -> int:
@@ -26,14 +42,96 @@ def available_cores() -> int:
 
 
 def resolve(setting: int) -> int:
-    """MUSICGEN_CPU_THREADS: 0 means every core this process may use."""
+    """The most threads MUSICGEN_CPU_THREADS gives a generation: 0 means every core this process may use."""
     return setting if setting > 0 else available_cores()
 
 
-def apply(setting: int) -> int:
-    """Set torch's threads for the calling thread (and the pools it starts); returns the count in effect."""
-    threads = resolve(setting)
-    torch.set_num_threads(threads)
-    log.info("torch CPU threads %d of %d cores (OMP_WAIT_POLICY=%s)", torch.get_num_threads(), available_cores(),
-             os.environ.get("OMP_WAIT_POLICY", "unset"))
-    return threads
+def others_busy_seconds() -> tp.Optional[float]:
+    """CPU seconds spent on this process's cores so far, less this process's own (Linux; None elsewhere)."""
+    try:
+        cores = {f"cpu{core}" for core in os.sched_getaffinity(0)}
+        with open("/proc/stat", "rb") as f:
+            lines = f.read().decode().splitlines()
+    except (AttributeError, OSError):
+        return None
+    ticks = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in cores:  # user nice system idle iowait irq softirq steal ...
+            ticks += sum(int(field) for field in fields[:8]) - int(fields[3]) - int(fields[4])
+    own = os.times()
+    return ticks / os.sysconf("SC_CLK_TCK") - (own.user + own.system)
+
+
+def waited_seconds() -> tp.Optional[float]:
+    """How long this process's threads have waited for a core so far (Linux schedstat; None elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for task in tasks:
+        # a thread that ended meanwhile
+        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/self/task/{task}/schedstat", "rb") as f:
+            total += int(f.read().split()[1])
+    return total / 1e9
+
+
+class CpuThreads:
+    """MUSICGEN_CPU_THREADS for the generation thread: `apply` once when it starts, then `begin` before each
+    generation and `step` after each of its decoding steps. A count is fixed; 0 shares the cores (module doc)."""
+
+    def __init__(self, setting: int, clock: tp.Callable[[], float] = time.monotonic,
+                 sleep: tp.Callable[[float], None] = time.sleep,
+                 others_busy: tp.Callable[[], tp.Optional[float]] = others_busy_seconds,
+                 waited: tp.Callable[[], tp.Optional[float]] = waited_seconds):
+        self.setting = setting
+        self.most = resolve(setting)
+        self.threads = self.most
+        self._clock, self._sleep, self._others_busy, self._waited = clock, sleep, others_busy, waited
+        self._stepped: tp.Tuple[float, tp.Optional[float]] = (0.0, None)
+
+    @property
+    def shares(self) -> bool:
+        """Whether the count follows the other processes' use of the cores (0, on more than one core)."""
+        return self.setting == 0 and self.most > 1
+
+    def apply(self) -> int:
+        """Set the calling thread's torch threads to the most this setting gives (to load the model)."""
+        self._set(self.most)
+        log.info("torch CPU threads %s of %d cores (OMP_WAIT_POLICY=%s)",
+                 f"{self.most} while no other process uses them, else 1" if self.shares else self.most,
+                 available_cores(), os.environ.get("OMP_WAIT_POLICY", "unset"))
+        return self.most
+
+    def begin(self) -> int:
+        """Before a generation: every core unless other processes use a share of them now (`LOOK_SECONDS`)."""
+        if self.shares:
+            then, busy_then = self._clock(), self._others_busy()
+            self._sleep(LOOK_SECONDS)
+            now, busy = self._clock(), self._others_busy()
+            shared = busy is None or busy_then is None or busy - busy_then > BUSY_SHARE * self.most * (now - then)
+            self._set(1 if shared else self.most)
+            self._stepped = (now, self._waited())
+        return self.threads
+
+    def step(self) -> None:
+        """After a decoding step: on several threads, one step whose threads waited a share of it for a core
+        ends this generation on one thread (spinning threads would collapse)."""
+        if not self.shares or self.threads == 1:
+            return
+        now, waited = self._clock(), self._waited()
+        then, waited_then = self._stepped
+        self._stepped = (now, waited)
+        if waited is None or waited_then is None or waited - waited_then > WAIT_SHARE * max(now - then, 1e-3):
+            log.info("another process uses the cores: one torch thread for the rest of this generation")
+            self._set(1)
+
+    def on_step(self, stage: str) -> None:
+        """`step` after each LM step, for a generation's `on_step(stage)` (app/model.py)."""
+        if stage == "lm":
+            self.step()
+
+    def _set(self, threads: int) -> None:
+        self.threads = threads
+        torch.set_num_threads(threads)

@@ -5,12 +5,22 @@ replaced by transformers' EncodecModel built from facebook/encodec_32khz's confi
 real 58 M parameters; what audiocraft loads for the released checkpoints). The T5-base text encoder cannot be
 downloaded either (debug-small conditions on a look-up table): a T5-base-sized encoder with random weights is
 timed on a prompt apart and added. Settings are the service's defaults (threads included).
+
+`clips_by_threads` runs the same clips in processes of their own, on one torch thread and on the defaults (every
+core while no other process uses them):
+
+    .venv/bin/python -m scripts.bench_e2e 10 30     # one process's clips, on the settings in its environment
 """
 
 import functools
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 import typing as tp
+from pathlib import Path
 
 import torch
 from audiocraft.models.encodec import HFEncodecCompressionModel
@@ -28,6 +38,7 @@ ENCODEC_32KHZ = dict(audio_channels=1, chunk_length_s=None, codebook_dim=128, co
                      num_residual_layers=1, overlap=None, pad_mode="reflect", residual_kernel_size=3,
                      sampling_rate=32000, target_bandwidths=[2.2], trim_right_ratio=1.0,
                      upsampling_ratios=[8, 5, 4, 4], use_causal_conv=False, use_conv_shortcut=False)
+ROOT = Path(__file__).resolve().parents[1]
 # t5-base's encoder.
 T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
 
@@ -78,16 +89,19 @@ def t5_encoding(reps: int = 5) -> float:
     return round(statistics.median(times[1:]), 3)
 
 
-def _mark(marks: tp.Dict[str, float], stage: str) -> None:
-    """The time each stage last stepped: the last LM step ends the LM, the decoding step the decoding."""
+def _mark(marks: tp.Dict[str, float], policy: threads.CpuThreads, stage: str) -> None:
+    """The time each stage last stepped (the last LM step ends the LM, the decoding step the decoding), and the
+    threads' policy told of each step, as the service tells it."""
     marks[stage] = time.perf_counter()
+    policy.on_step(stage)
 
 
-def clips(durations: tp.Sequence[int]) -> tp.Dict[str, tp.Any]:
+def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) -> tp.Dict[str, tp.Any]:
     """Compute time per stage of each clip, on the service's defaults with the real-size decoder."""
-    settings = Settings(model="debug-small", device="cpu", mbd_model="debug")
+    settings = Settings(model="debug-small", device="cpu", mbd_model="debug", cpu_threads=cpu_threads)
     before = torch.get_num_threads()
-    used = threads.apply(settings.cpu_threads)
+    policy = threads.CpuThreads(settings.cpu_threads)
+    used = policy.apply()
     try:
         t5 = t5_encoding()
         model = MusicModel.from_settings(settings)
@@ -98,8 +112,9 @@ def clips(durations: tp.Sequence[int]) -> tp.Dict[str, tp.Any]:
         for duration in durations:
             marks: tp.Dict[str, float] = {}
             start = time.perf_counter()
+            policy.begin()
             wav = model.generate(GenerationParams(description="90s rock song", duration=duration, seed=1234), 1234,
-                                 functools.partial(_mark, marks))
+                                 functools.partial(_mark, marks, policy))
             generated = time.perf_counter()
             to_wav(wav, model.sample_rate, settings.normalize)
             lm, decode = marks["lm"] - start, marks["decode"] - marks["lm"]
@@ -111,4 +126,26 @@ def clips(durations: tp.Sequence[int]) -> tp.Dict[str, tp.Any]:
                                     "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1)}
     finally:
         torch.set_num_threads(before)
-    return {"threads": used, "precision": settings.precision, "decoder": decoder, "clips": out}
+    return {"threads": used, "shares_cores": policy.shares, "precision": settings.precision, "decoder": decoder,
+            "clips": out}
+
+
+def clips_by_threads(durations: tp.Sequence[int]) -> tp.Dict[str, tp.Any]:
+    """`clips` in a process of its own per setting, one after the other: one torch thread, and the defaults (every
+    core while no other process uses them, app/threads.py; OpenMP's wait policy as the environment has it)."""
+    settings = {"1 thread": {"MUSICGEN_CPU_THREADS": "1"}, "defaults": {"MUSICGEN_CPU_THREADS": "0"}}
+    out = {}
+    for name, env in settings.items():
+        environ = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env}
+        environ.pop("OMP_NUM_THREADS", None)  # MUSICGEN_CPU_THREADS decides
+        run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations)], cwd=ROOT,
+                             env=environ, capture_output=True, text=True, check=True)
+        out[name] = json.loads(run.stdout.splitlines()[-1])
+    one, defaults = out.values()
+    return {"settings": settings, "runs": out,
+            "speedup": {clip: round(one["clips"][clip]["total_s"] / defaults["clips"][clip]["total_s"], 2)
+                        for clip in one["clips"]}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(clips([int(arg) for arg in sys.argv[1:]], Settings.from_env().cpu_threads)))

@@ -19,7 +19,7 @@ def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
 
 
 SECTIONS = ("cpu", "contention", "lm_steps", "peaked_drift", "long_context", "decoder", "real_codec_clips",
-            "streaming", "debug_durations", "end_to_end", "service")
+            "clips_by_threads", "streaming", "debug_durations", "end_to_end", "service")
 
 
 def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
@@ -54,6 +54,7 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         *_long_context_part(r),
         *_contention_part(r),
         *_real_codec_part(r),
+        *_clips_by_threads_part(r),
         *_streaming_part(r),
         *_service_parts(r),
         f"![plots]({png.name})",
@@ -257,6 +258,26 @@ def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                 "compute s per audio s"],
                [[k, v["t5_s"], v["lm_s"], v["lm_ms_per_step"], v["decode_s"], v["wav_s"], v["total_s"],
                  v["s_per_audio_s"]] for k, v in c["clips"].items()]),
+        "",
+    ]
+
+
+def _clips_by_threads_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "clips_by_threads" not in r:
+        return []
+    m = r["clips_by_threads"]
+    rows = [[name, run["threads"], clip, v["lm_ms_per_step"], v["decode_s"], v["total_s"], v["s_per_audio_s"]]
+            for name, run in m["runs"].items() for clip, v in run["clips"].items()]
+    return [
+        "### The same clips on one thread and on the defaults",
+        "",
+        "Each setting in a process of its own, one after the other, on cores nothing else used: one torch thread, "
+        "and the defaults (every core while no other process uses them, OpenMP's threads spinning between "
+        "products). Speed-up of the defaults, total time: "
+        + ", ".join(f"{clip} {x}x" for clip, x in m["speedup"].items()) + ".",
+        "",
+        _table(["setting", "torch threads", "clip", "LM ms/step", "EnCodec s", "total s", "compute s per audio s"],
+               rows),
         "",
     ]
 

@@ -142,7 +142,8 @@ def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> 
 
     settings = Settings(model="debug-small", device="cpu", mbd_model="debug")
     before = torch.get_num_threads()
-    used = threads.apply(settings.cpu_threads)
+    policy = threads.CpuThreads(settings.cpu_threads)
+    used = policy.apply()
     try:
         model = MusicModel.from_settings(settings)
         model.musicgen.compression_model = real_size_encodec()
@@ -155,7 +156,8 @@ def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> 
             runs: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {"plain": [], "streamed": []}
             for _ in range(repeats):
                 for kind in runs:
-                    runs[kind].append(_job(model, params, settings.normalize, kind == "streamed", pcm16, to_wav))
+                    runs[kind].append(_job(model, params, settings.normalize, kind == "streamed", policy, pcm16,
+                                           to_wav))
             plain, streamed = runs["plain"], runs["streamed"]
             ratios = [s["completed_s"] / p["completed_s"] for s, p in zip(streamed, plain, strict=True)]
             out[f"{duration} s"] = {
@@ -170,10 +172,12 @@ def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> 
     return {"threads": used, "precision": settings.precision, "decoder": decoder, "repeats": repeats, "clips": out}
 
 
-def _job(model: tp.Any, params: tp.Any, level: str, stream: bool, pcm16: tp.Callable[..., bytes],
+def _job(model: tp.Any, params: tp.Any, level: str, stream: bool, policy: tp.Any, pcm16: tp.Callable[..., bytes],
          to_wav: tp.Callable[..., bytes]) -> tp.Dict[str, float]:
-    """One job to its WAV; streamed, its chunks converted to the events' 16-bit PCM as the service does."""
+    """One job to its WAV; streamed, its chunks converted to the events' 16-bit PCM as the service does; the threads'
+    policy (app/threads.py) told of it as the service tells it."""
     started = time.perf_counter()
+    policy.begin()
     first: tp.List[float] = []
 
     def on_audio(chunk: torch.Tensor, start: int) -> None:
@@ -181,7 +185,7 @@ def _job(model: tp.Any, params: tp.Any, level: str, stream: bool, pcm16: tp.Call
         first.append(time.perf_counter() - started)
 
     extra = {"on_audio": on_audio, "level": level} if stream else {}
-    wav = model.generate(params, params.seed, lambda stage: None, **extra)
+    wav = model.generate(params, params.seed, policy.on_step, **extra)
     to_wav(wav, model.sample_rate, level)
     return {"completed_s": time.perf_counter() - started, "first_audio_s": first[0] if first else float("nan"),
             "chunks": len(first)}

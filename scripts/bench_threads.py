@@ -25,21 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP = {"description": "90s rock song", "duration": 1, "seed": 1234}
 # torch's allocator asks for transparent huge pages for blocks of 2 MB and more: tried, not the default (README)
 HUGE_PAGES = "1 thread, huge pages (THP_MEM_ALLOC_ENABLE=1)"
+DEFAULT = "the default: every core while no other process uses them, else 1"
 
 
 def settings_to_compare(cores: int) -> tp.Dict[str, tp.Dict[str, str]]:
-    """name -> environment: 1 thread, with and without huge pages for torch's large blocks, and all cores with
-    OpenMP's default (spinning) and passive waiting."""
-    out = {"1 thread": {"MUSICGEN_CPU_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
-           HUGE_PAGES: {"MUSICGEN_CPU_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}}
+    """name -> environment: the default (every core while no other process uses them, else 1: app/threads.py),
+    1 thread, with and without huge pages for torch's large blocks, and all cores always, OpenMP's threads
+    spinning (its default) and waiting passively."""
+    out = {DEFAULT: {"MUSICGEN_CPU_THREADS": "0", "OMP_WAIT_POLICY": ""},
+           "1 thread": {"MUSICGEN_CPU_THREADS": "1", "OMP_WAIT_POLICY": ""},
+           HUGE_PAGES: {"MUSICGEN_CPU_THREADS": "1", "OMP_WAIT_POLICY": "", "THP_MEM_ALLOC_ENABLE": "1"}}
     if cores > 1:
-        out[f"{cores} threads, OpenMP spinning (its default)"] = {"MUSICGEN_CPU_THREADS": str(cores),
-                                                                  "OMP_WAIT_POLICY": ""}
-        out[f"{cores} threads, passive waiting"] = {"MUSICGEN_CPU_THREADS": str(cores),
-                                                    "OMP_WAIT_POLICY": "PASSIVE"}
-        if cores > 2:
-            out[f"{cores - 1} threads, passive waiting"] = {"MUSICGEN_CPU_THREADS": str(cores - 1),
-                                                            "OMP_WAIT_POLICY": "PASSIVE"}
+        out[f"{cores} threads always, OpenMP spinning (its default)"] = {"MUSICGEN_CPU_THREADS": str(cores),
+                                                                         "OMP_WAIT_POLICY": ""}
+        out[f"{cores} threads always, passive waiting"] = {"MUSICGEN_CPU_THREADS": str(cores),
+                                                           "OMP_WAIT_POLICY": "PASSIVE"}
     return out
 
 
@@ -89,7 +89,7 @@ def contention(model: str = "debug-small", rounds: int = 3, cap_ratio: float = 8
     try:
         threads = {name: child.ready()["torch_threads"] for name, child in children.items()}
         warm: tp.List[float] = []  # 1 thread first: it cannot collapse, and it bounds the others' warm-up
-        for child in children.values():
+        for child in sorted(children.values(), key=lambda child: child is not children["1 thread"]):
             warm.append(child.run(round(cap_ratio * min(warm), 1) if warm else 0.0))
         cap = round(cap_ratio * min(warm), 1)
         times: tp.Dict[str, tp.Dict[str, tp.List[float]]] = {"quiet": {n: [] for n in children},
@@ -110,13 +110,16 @@ def contention(model: str = "debug-small", rounds: int = 3, cap_ratio: float = 8
             "contended_over_best_quiet": {n: round(t / best, 2) for n, t in medians["contended"].items()}}
 
 
-def _stop_at(deadline: float, stage: str) -> None:
+def _step(policy: tp.Any, deadline: float, stage: str) -> None:
+    """As the service's `on_step`: the threads' policy sees each step; past `deadline` the run stops."""
+    policy.on_step(stage)
     if time.perf_counter() > deadline:
         raise TimeoutError
 
 
 def _child() -> None:
-    """Load as the service does, then generate on one long-lived thread that set its torch threads first."""
+    """Load as the service does, then generate on one long-lived thread that set its torch threads first and tells
+    their policy of each generation and step (app/generation.py)."""
     sys.path.insert(0, str(ROOT))
     from app import threads as cpu_threads
     from app.config import Settings
@@ -128,15 +131,17 @@ def _child() -> None:
     done: queue.Queue[tp.Any] = queue.Queue()
 
     def work() -> None:
-        import torch
-        cpu_threads.apply(settings.cpu_threads)
+        policy = cpu_threads.CpuThreads(settings.cpu_threads)
+        most = policy.apply()
         model = MusicModel.from_settings(settings)
-        done.put({"torch_threads": torch.get_num_threads()})
+        done.put({"torch_threads": f"{most}, else 1" if policy.shares else most})
         params = GenerationParams(**CLIP)
         while (cap := jobs.get()) is not None:
             t = time.perf_counter()
+            policy.begin()
             with contextlib.suppress(TimeoutError):
-                model.generate(params, CLIP["seed"], functools.partial(_stop_at, t + cap if cap else float("inf")))
+                model.generate(params, CLIP["seed"],
+                               functools.partial(_step, policy, t + cap if cap else float("inf")))
             done.put(min(time.perf_counter() - t, cap) if cap else time.perf_counter() - t)
 
     threading.Thread(target=work, daemon=True).start()

@@ -8,11 +8,6 @@ Several GPUs: run one instance per GPU (deploy/), each with its own PORT and CUD
 import os
 import signal
 
-# Read by OpenMP once, when torch loads it: the worker imports torch after the master read this file (no
-# preload), and inherits it. Passive: threads that wait for each other sleep instead of spinning, which on cores
-# shared with other work collapsed (app/threads.py). Set it in the environment to choose otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '5555')}"
 workers = 1
 worker_class = "gthread"

@@ -15,6 +15,15 @@ from tests.test_fast_lm import SMALL, greedy_tokens, musicgen, with_speedups
 from tests.test_lean_step import blocks, conditions, converted, decode
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The caller runs one torch thread, as a generation does where it shares the cores (app/threads.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cache(batch: int, keys: int, heads: int = 4, dim: int = 16, capacity: int = 1600) -> torch.Tensor:
     """The first `keys` steps of a static cache ("b h t d"), a view as the lean step reads it."""
     return torch.randn(batch, heads, capacity, dim).narrow(2, 0, keys)
@@ -28,11 +37,13 @@ def test_split_across_two_threads_is_bit_identical_to_one_call(batch, keys):
         assert torch.equal(PairAttention()(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
-def test_wanted_only_for_a_batch_to_split_over_a_long_context():
+def test_wanted_only_for_a_batch_to_split_over_a_long_context_on_one_thread():
     q = torch.randn(2, 4, 1, 16)
     assert PairAttention.wanted(q, cache(2, MIN_KEYS))
     assert not PairAttention.wanted(q, cache(2, MIN_KEYS - 1))
     assert not PairAttention.wanted(q[:1], cache(1, 2 * MIN_KEYS))
+    torch.set_num_threads(2)  # torch's own threads split it
+    assert not PairAttention.wanted(q, cache(2, 2 * MIN_KEYS))
 
 
 def test_the_helper_takes_the_second_half(monkeypatch):
@@ -113,11 +124,12 @@ def test_greedy_generation_gives_the_same_tokens(monkeypatch):
     assert calls  # it did split
 
 
-def test_on_by_default_only_where_a_generation_runs_one_thread_and_a_second_core_exists():
+def test_on_by_default_only_where_a_generation_may_run_one_thread_and_a_second_core_exists():
     assert Settings().parallel_attention is True
     assert Settings.from_env({"MUSICGEN_PARALLEL_ATTENTION": "0"}).parallel_attention is False
     two_cores = threads.available_cores() >= 2
-    assert Speedups.from_settings(Settings()).parallel_attention is two_cores
+    assert Speedups.from_settings(Settings()).parallel_attention is two_cores  # one thread while the cores are shared
+    assert Speedups.from_settings(Settings(cpu_threads=1)).parallel_attention is two_cores
     assert Speedups.from_settings(Settings(cpu_threads=2)).parallel_attention is False  # torch's threads split it
     assert Speedups.from_settings(Settings(parallel_attention=False)).parallel_attention is False
     assert Speedups().parallel_attention is False  # stock audiocraft unless asked

@@ -1,6 +1,12 @@
-"""MUSICGEN_CPU_THREADS: torch's CPU threads, set on the one generation thread, and OpenMP's passive waiting."""
+"""MUSICGEN_CPU_THREADS: torch's CPU threads, set on the one generation thread; by default every core while no other
+process uses them and one thread while one does, from the real /proc readings and through the service."""
 
+import contextlib
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -12,19 +18,65 @@ from tests.test_generation import FakeModel, drain, params
 
 
 class ThreadCountingModel(FakeModel):
-    """Records how many torch threads the thread that loads and runs it has."""
+    """Records how many torch threads the thread that runs it has, at the start and after each LM step."""
 
-    def __init__(self):
-        super().__init__(steps=2)
+    def __init__(self, steps: int = 2):
+        super().__init__(steps=steps)
         self.seen = []
 
     def generate(self, params, seed, on_step):
         self.seen.append((threading.current_thread().name, torch.get_num_threads()))
-        return super().generate(params, seed, on_step)
+
+        def counting(stage):
+            on_step(stage)
+            self.seen.append((stage, torch.get_num_threads()))
+
+        return super().generate(params, seed, counting)
 
 
-def test_setting_defaults_to_one_thread_and_0_means_every_core_this_process_may_use():
-    assert Settings().cpu_threads == 1
+class Readings:
+    """Stand-ins for the clock and the two /proc readings: `neighbours` is how many cores other processes use."""
+
+    def __init__(self):
+        self.now, self.busy, self.waited, self.neighbours = 100.0, 0.0, 0.0, 0.0
+
+    def sleep(self, seconds):
+        self.now += seconds
+        self.busy += self.neighbours * seconds
+
+    def policy(self, setting: int) -> threads.CpuThreads:
+        return threads.CpuThreads(setting, clock=lambda: self.now, sleep=self.sleep, others_busy=lambda: self.busy,
+                                  waited=lambda: self.waited)
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+
+
+@pytest.fixture(autouse=True)
+def keep_this_threads_count():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def hogs():
+    """A spinning process on every core this one may use (children inherit the affinity)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(threads.available_cores())]
+    try:
+        time.sleep(0.2)  # started
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def test_setting_defaults_to_sharing_every_core_and_a_count_is_fixed():
+    assert Settings().cpu_threads == 0
     assert threads.resolve(0) == threads.available_cores() >= 1
     assert threads.resolve(3) == 3
     assert Settings.from_env({"MUSICGEN_CPU_THREADS": "1"}).cpu_threads == 1
@@ -33,8 +85,8 @@ def test_setting_defaults_to_one_thread_and_0_means_every_core_this_process_may_
             Settings.from_env({"MUSICGEN_CPU_THREADS": bad})
 
 
-@pytest.mark.parametrize("setting", [1, 0])
-def test_threads_are_set_on_the_generation_thread_not_the_callers(setting):
+@pytest.mark.parametrize("setting", [1, 3])
+def test_a_count_is_set_on_the_generation_thread_not_the_callers(setting):
     before = torch.get_num_threads()
     loaded_with = []
     model = ThreadCountingModel()
@@ -43,21 +95,135 @@ def test_threads_are_set_on_the_generation_thread_not_the_callers(setting):
         loaded_with.append(torch.get_num_threads())
         return model
 
-    service = GenerationService(load, cpu_threads=setting).start()
+    service = GenerationService(load, cpu_threads=threads.CpuThreads(setting)).start()
     try:
         job = service.submit(params())
         assert drain(job)[-1]["event"] == "completed"
     finally:
         service.stop()
-    expected = threads.resolve(setting)
-    assert loaded_with == [expected]
-    assert model.seen == [("generation", expected)]
+    assert loaded_with == [setting]
+    assert model.seen == [("generation", setting), ("lm", setting), ("lm", setting), ("decode", setting)]
     assert torch.get_num_threads() == before  # the caller's own count is the caller's
 
 
-def test_server_sets_threads_and_passive_waiting_before_torch_starts(idle_server):
-    """scripts/gunicorn.conf.py sets OMP_WAIT_POLICY in the master, so the worker has it when it imports torch;
-    the generation thread logs what it applied."""
+def test_every_core_unless_other_processes_use_a_share_of_them_now(two_cores):
+    r = Readings()
+    policy = r.policy(0)
+    assert policy.shares and policy.apply() == 2 and torch.get_num_threads() == 2  # to load the model
+    r.neighbours = 0.1  # a twentieth of 2 cores: noise, not a neighbour
+    assert policy.begin() == 2 and torch.get_num_threads() == 2
+    assert r.now == 100 + threads.LOOK_SECONDS
+    r.neighbours = 0.6  # 30 % of the cores
+    assert policy.begin() == 1 and torch.get_num_threads() == 1
+    r.neighbours = 0  # gone again
+    assert policy.begin() == 2
+
+
+def test_a_step_whose_threads_waited_for_a_core_ends_the_generation_on_one_thread(two_cores):
+    r = Readings()
+    policy = r.policy(0)
+    policy.apply()
+    assert policy.begin() == 2
+    r.now, r.waited = r.now + 0.030, r.waited + 0.002  # a 30 ms step, 2 ms waiting: quiet
+    policy.step()
+    assert torch.get_num_threads() == 2
+    r.now, r.waited = r.now + 0.120, r.waited + 0.110  # spinning threads that a neighbour preempts
+    policy.step()
+    assert policy.threads == torch.get_num_threads() == 1
+    r.now, r.waited = r.now + 0.030, r.waited + 0.030
+    policy.step()  # stays on one thread for the rest of this generation: nothing to measure there
+    assert torch.get_num_threads() == 1
+    assert policy.begin() == 2  # the next generation, the neighbour gone
+
+
+def test_a_count_and_a_single_core_never_look(two_cores):
+    def unread():
+        raise AssertionError("read /proc")
+
+    for policy in (threads.CpuThreads(2, sleep=unread, others_busy=unread, waited=unread),
+                   threads.CpuThreads(1, sleep=unread, others_busy=unread, waited=unread)):
+        assert not policy.shares
+        policy.apply()
+        assert policy.begin() == policy.setting
+        policy.step()
+        assert torch.get_num_threads() == policy.setting
+
+
+def test_without_readings_one_thread(two_cores):
+    policy = threads.CpuThreads(0, sleep=lambda seconds: None, others_busy=lambda: None, waited=lambda: None)
+    assert policy.apply() == 2  # loading
+    assert policy.begin() == 1
+
+
+def test_the_service_follows_the_policy_step_by_step(two_cores):
+    r = Readings()
+    model = ThreadCountingModel(steps=4)
+
+    def neighbour_arrives(stage):
+        r.now += 0.05
+        if len(model.seen) % 6 == 2:  # during each job's second step (6 entries a job)
+            r.waited += 0.05
+
+    service = GenerationService(lambda: model, cpu_threads=r.policy(0)).start()
+    try:
+        original = model.generate
+
+        def generate(params, seed, on_step):
+            return original(params, seed, lambda stage: (neighbour_arrives(stage), on_step(stage)))
+
+        model.generate = generate
+        for _ in range(2):
+            assert drain(service.submit(params()))[-1]["event"] == "completed"
+    finally:
+        service.stop()
+    # Each generation starts on both cores; the second step waited half its time for a core, so the rest of the
+    # generation (steps 3-4 and the decoding) runs on one thread.
+    one_job = [("generation", 2), ("lm", 2), ("lm", 1), ("lm", 1), ("lm", 1), ("decode", 1)]
+    assert model.seen == one_job * 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux /proc")
+def test_real_readings_see_other_processes_and_waiting_for_a_core():
+    cores = threads.available_cores()
+    busy, t = threads.others_busy_seconds(), time.monotonic()
+    with hogs():
+        time.sleep(0.5)
+        waited = threads.waited_seconds()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # this thread wants a core too
+            pass
+        waited = threads.waited_seconds() - waited
+        others = threads.others_busy_seconds() - busy
+    elapsed = time.monotonic() - t
+    assert others > 0.5 * cores * (elapsed - 0.6)  # the hogs ran for about `elapsed` on every core
+    assert waited > 0.02  # one more runnable thread than cores: each waits about a third of the time (2 cores)
+    quiet_busy, t = threads.others_busy_seconds(), time.monotonic()
+    time.sleep(0.5)
+    assert threads.others_busy_seconds() - quiet_busy < 0.5 * cores * (time.monotonic() - t)
+
+
+@pytest.mark.skipif(threads.available_cores() < 2 or not os.path.exists("/proc/self/task"), reason="2 cores, Linux")
+def test_real_policy_drops_to_one_thread_among_hogs_and_takes_every_core_back():
+    policy = threads.CpuThreads(0)
+    policy.apply()
+    assert policy.begin() == threads.available_cores()  # nothing else runs
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with hogs():
+        for _ in range(20):  # steps of a generation that started before the neighbours
+            deadline = time.monotonic() + 0.03
+            while time.monotonic() < deadline:
+                a @ b
+            policy.step()
+        assert policy.threads == 1
+        assert policy.begin() == 1  # the next generation, the neighbours still there
+    assert policy.begin() == threads.available_cores()
+
+
+def test_server_logs_its_threads_before_torch_starts(idle_server):
+    """The generation thread logs what it applied; OpenMP's wait policy is the environment's (spinning unless set),
+    read once when the worker imports torch."""
     idle_server.wait()
-    assert (f"torch CPU threads 1 of {threads.available_cores()} cores "
-            "(OMP_WAIT_POLICY=PASSIVE)") in idle_server.output()
+    cores = threads.available_cores()
+    count = f"{cores} while no other process uses them, else 1" if cores > 1 else "1"
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    assert f"torch CPU threads {count} of {cores} cores (OMP_WAIT_POLICY={policy})" in idle_server.output()
