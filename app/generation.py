@@ -327,7 +327,7 @@ class GenerationService:
 
         started = time.monotonic()
         if self._cpu_threads is not None:
-            self._cpu_threads.begin()
+            self._cpu_threads.begin(on_cpu=model.device == "cpu")
         # Only a streamed job passes the streaming arguments: a model without streaming never sees them.
         stream = {"on_audio": self._audio_events(job), "level": self._normalization(params)} \
             if params.stream_audio else {}

@@ -8,10 +8,12 @@ while OpenMP's threads spin between them: on a 2-core machine to itself, 2 spinn
 1.2-1.5x faster than 1 (README, "Threads and shared cores"). But spinning threads that wait for each other
 collapse as soon as another process takes a core (a 1 s clip: 6x the quiet time, against 2x for 1 thread), and
 threads that sleep instead (OMP_WAIT_POLICY=PASSIVE) were slower than 1 thread quiet. Hence the default,
-`CpuThreads(0)`: every core while no other process uses them, one thread while one does. It looks before each
-generation (the other processes' CPU time on these cores over 50 ms, /proc/stat), and after each step of a
-generation on several threads (the time this process's threads waited for a core, schedstat): a step whose
-threads spent a quarter of it waiting ends the generation on one thread. A count (1, 2, ...) is always that.
+`CpuThreads(0)`: every core while no other process uses them, one thread while one does. After each step of a
+generation on several threads it reads the time this process's threads waited for a core (schedstat): steps whose
+threads spent a quarter of their time waiting (over 0.1 s at least) end the generation on one thread. The next
+generation then looks first (the other processes' CPU time on these cores over 50 ms, /proc/stat), and takes every
+core again once they are free. A generation on a GPU gets one CPU thread (as before this policy: the CPU only feeds
+the GPU). A count (1, 2, ...) is always that.
 """
 
 import contextlib
@@ -24,11 +26,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Above these shares, the cores count as shared: other processes' CPU time over the cores' time since the last
-# look; the time this process's threads waited for a core over a step's time (2 spinning threads under a CPU hog
-# on each core: ~1.0; quiet: ~0.0).
+# Above these shares, the cores count as shared: other processes' CPU time over the cores' time during a look; the
+# time this process's threads waited for a core over a step's time (2 spinning threads under a CPU hog on each
+# core: ~1.0; quiet: ~0.0).
 BUSY_SHARE = 0.25
 WAIT_SHARE = 0.25
+# Waits are judged over steps that last this long at least: a 30 ms step preempted once by a kernel thread or a
+# daemon can wait a quarter of itself; a neighbour that holds a core makes spinning threads wait all the time.
+WAIT_WINDOW_SECONDS = 0.1
 # How long a generation looks at the cores before it starts: /proc/stat counts in ticks of 10 ms, so 5 per core.
 LOOK_SECONDS = 0.05
 
@@ -70,8 +75,7 @@ def waited_seconds() -> tp.Optional[float]:
     except OSError:
         return None
     total = 0
-    for task in tasks:
-        # a thread that ended meanwhile
+    for task in tasks:  # (a thread may end meanwhile)
         with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/self/task/{task}/schedstat", "rb") as f:
             total += int(f.read().split()[1])
     return total / 1e9
@@ -90,6 +94,7 @@ class CpuThreads:
         self.threads = self.most
         self._clock, self._sleep, self._others_busy, self._waited = clock, sleep, others_busy, waited
         self._stepped: tp.Tuple[float, tp.Optional[float]] = (0.0, None)
+        self._shared = False  # what the last generation found
 
     @property
     def shares(self) -> bool:
@@ -104,27 +109,37 @@ class CpuThreads:
                  available_cores(), os.environ.get("OMP_WAIT_POLICY", "unset"))
         return self.most
 
-    def begin(self) -> int:
-        """Before a generation: every core unless other processes use a share of them now (`LOOK_SECONDS`)."""
-        if self.shares:
-            then, busy_then = self._clock(), self._others_busy()
-            self._sleep(LOOK_SECONDS)
-            now, busy = self._clock(), self._others_busy()
-            shared = busy is None or busy_then is None or busy - busy_then > BUSY_SHARE * self.most * (now - then)
-            self._set(1 if shared else self.most)
-            self._stepped = (now, self._waited())
+    def begin(self, on_cpu: bool = True) -> int:
+        """Before a generation: every core, unless the last generation found the cores shared and other processes
+        still use a share of them (a look of `LOOK_SECONDS`, paid only then). A generation on a GPU runs one CPU
+        thread when sharing: the CPU only feeds the GPU there."""
+        if self.shares and not on_cpu:
+            self._set(1)
+        elif self.shares:
+            if self._shared:
+                then, busy_then = self._clock(), self._others_busy()
+                self._sleep(LOOK_SECONDS)
+                now, busy = self._clock(), self._others_busy()
+                self._shared = (busy is None or busy_then is None
+                                or busy - busy_then > BUSY_SHARE * self.most * (now - then))
+            self._set(1 if self._shared else self.most)
+            self._stepped = (self._clock(), self._waited())
         return self.threads
 
     def step(self) -> None:
-        """After a decoding step: on several threads, one step whose threads waited a share of it for a core
-        ends this generation on one thread (spinning threads would collapse)."""
+        """After a decoding step: on several threads, steps whose threads waited a share of their time for a core
+        (over `WAIT_WINDOW_SECONDS` at least, so that one preemption is not a neighbour) end this generation on one
+        thread (spinning threads would collapse)."""
         if not self.shares or self.threads == 1:
             return
         now, waited = self._clock(), self._waited()
         then, waited_then = self._stepped
+        if now - then < WAIT_WINDOW_SECONDS and waited is not None:
+            return
         self._stepped = (now, waited)
-        if waited is None or waited_then is None or waited - waited_then > WAIT_SHARE * max(now - then, 1e-3):
+        if waited is None or waited_then is None or waited - waited_then > WAIT_SHARE * (now - then):
             log.info("another process uses the cores: one torch thread for the rest of this generation")
+            self._shared = True
             self._set(1)
 
     def on_step(self, stage: str) -> None:

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from app import fast_lm  # noqa: E402
 from scripts.bench_cpu import cpu_identity, cpu_section  # noqa: E402
-from scripts.bench_e2e import clips, clips_by_threads, decoder_precisions  # noqa: E402
+from scripts.bench_e2e import clips_apart, decoder_precisions  # noqa: E402
 from scripts.bench_lm import decode_costs, lm_step_comparison, long_context_probe, peaked_drift  # noqa: E402
 from scripts.bench_report import write_report  # noqa: E402
 from scripts.bench_service import debug_durations, end_to_end, service_latencies  # noqa: E402
@@ -105,8 +105,8 @@ def main() -> None:
     section("long_context", lambda: long_context_probe(context=96 if quick else 600, steps=3 if quick else 5))
     results["decode_costs"] = decode_costs(results["lm_steps"], results["long_context"])
     section("decoder", lambda: decoder_precisions(seconds=2 if quick else 10))
-    section("real_codec_clips", lambda: clips([2] if quick else [10, 30]))
-    section("clips_by_threads", lambda: clips_by_threads([2] if quick else [10, 30]))
+    section("real_codec_clips", lambda: clips_apart([2] if quick else [10, 30], {}))
+    section("one_thread_clips", lambda: clips_apart([2] if quick else [10, 30], {"MUSICGEN_CPU_THREADS": "1"}))
     section("streaming", lambda: streamed_clips([2] if quick else [10, 30], repeats=1 if quick else 2))
     section("debug_durations", lambda: debug_durations([1, 5] if quick else [1, 5, 10, 20, 30, 45, 60]))
     section("end_to_end", lambda: end_to_end(

@@ -6,10 +6,10 @@ real 58 M parameters; what audiocraft loads for the released checkpoints). The T
 downloaded either (debug-small conditions on a look-up table): a T5-base-sized encoder with random weights is
 timed on a prompt apart and added. Settings are the service's defaults (threads included).
 
-`clips_by_threads` runs the same clips in processes of their own, on one torch thread and on the defaults (every
-core while no other process uses them):
+`clips_apart` runs them in a process of its own, as the service's worker is (what scripts/bench.py does, with the
+defaults and on one torch thread):
 
-    .venv/bin/python -m scripts.bench_e2e 10 30     # one process's clips, on the settings in its environment
+    .venv/bin/python -m scripts.bench_e2e 10 30     # the clips, on the settings in the environment
 """
 
 import functools
@@ -130,21 +130,14 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) 
             "clips": out}
 
 
-def clips_by_threads(durations: tp.Sequence[int]) -> tp.Dict[str, tp.Any]:
-    """`clips` in a process of its own per setting, one after the other: one torch thread, and the defaults (every
-    core while no other process uses them, app/threads.py; OpenMP's wait policy as the environment has it)."""
-    settings = {"1 thread": {"MUSICGEN_CPU_THREADS": "1"}, "defaults": {"MUSICGEN_CPU_THREADS": "0"}}
-    out = {}
-    for name, env in settings.items():
-        environ = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env}
-        environ.pop("OMP_NUM_THREADS", None)  # MUSICGEN_CPU_THREADS decides
-        run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations)], cwd=ROOT,
-                             env=environ, capture_output=True, text=True, check=True)
-        out[name] = json.loads(run.stdout.splitlines()[-1])
-    one, defaults = out.values()
-    return {"settings": settings, "runs": out,
-            "speedup": {clip: round(one["clips"][clip]["total_s"] / defaults["clips"][clip]["total_s"], 2)
-                        for clip in one["clips"]}}
+def clips_apart(durations: tp.Sequence[int], env: tp.Mapping[str, str]) -> tp.Dict[str, tp.Any]:
+    """`clips` in a process of its own, with `env` added to this one's environment, as the service runs: a process
+    that loaded one model, not one that ran the benchmark's other sections first."""
+    environ = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env}
+    environ.pop("OMP_NUM_THREADS", None)  # MUSICGEN_CPU_THREADS decides
+    run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations)], cwd=ROOT, env=environ,
+                         capture_output=True, text=True, check=True)
+    return {**json.loads(run.stdout.splitlines()[-1]), "environment": dict(env)}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def _table(header: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
 
 
 SECTIONS = ("cpu", "contention", "lm_steps", "peaked_drift", "long_context", "decoder", "real_codec_clips",
-            "clips_by_threads", "streaming", "debug_durations", "end_to_end", "service")
+            "one_thread_clips", "streaming", "debug_durations", "end_to_end", "service")
 
 
 def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
@@ -54,7 +54,7 @@ def write_report(r: tp.Dict[str, tp.Any], md: Path, png: Path) -> None:
         *_long_context_part(r),
         *_contention_part(r),
         *_real_codec_part(r),
-        *_clips_by_threads_part(r),
+        *_one_thread_part(r),
         *_streaming_part(r),
         *_service_parts(r),
         f"![plots]({png.name})",
@@ -250,9 +250,11 @@ def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
         f"{d['relative_squared_error']}; seconds per second of audio: "
         + ", ".join(f"{name} {v}" for name, v in d["s_per_audio_s"].items()) + ".",
         "",
-        f"Whole clips with the service's defaults (LM {c['precision']}, decoder {c['decoder']}, {c['threads']} torch "
-        "thread(s)) and that decoder. debug-small conditions on a look-up table: the text encoding is a t5-base-sized "
-        "encoder (random weights) timed apart on a 12-token prompt and added.",
+        "Whole clips in a process of their own, as the service's worker, with its defaults "
+        f"(LM {c['precision']}, decoder {c['decoder']}, {c['threads']} torch "
+        f"thread(s){' while no other process uses the cores' if c.get('shares_cores') else ''}) and that decoder. "
+        "debug-small conditions on a look-up table: the text encoding is a t5-base-sized encoder (random weights) "
+        "timed apart on a 12-token prompt and added.",
         "",
         _table(["clip", "text (T5-base size) s", "LM s", "LM ms/step", "EnCodec s", "WAV s", "total s",
                 "compute s per audio s"],
@@ -262,19 +264,20 @@ def _real_codec_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
     ]
 
 
-def _clips_by_threads_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
-    if "clips_by_threads" not in r:
+def _one_thread_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
+    if "one_thread_clips" not in r or "real_codec_clips" not in r:
         return []
-    m = r["clips_by_threads"]
+    runs = {"1 thread": r["one_thread_clips"], "defaults": r["real_codec_clips"]}
     rows = [[name, run["threads"], clip, v["lm_ms_per_step"], v["decode_s"], v["total_s"], v["s_per_audio_s"]]
-            for name, run in m["runs"].items() for clip, v in run["clips"].items()]
+            for name, run in runs.items() for clip, v in run["clips"].items()]
+    speedups = {clip: round(v["total_s"] / runs["defaults"]["clips"][clip]["total_s"], 2)
+                for clip, v in runs["1 thread"]["clips"].items()}
     return [
-        "### The same clips on one thread and on the defaults",
+        "### The same clips on one torch thread",
         "",
-        "Each setting in a process of its own, one after the other, on cores nothing else used: one torch thread, "
-        "and the defaults (every core while no other process uses them, OpenMP's threads spinning between "
-        "products). Speed-up of the defaults, total time: "
-        + ", ".join(f"{clip} {x}x" for clip, x in m["speedup"].items()) + ".",
+        "`MUSICGEN_CPU_THREADS=1`, in a process of its own as the defaults' run above, after it, on cores nothing "
+        "else used (the defaults took every core, OpenMP's threads spinning between products). The defaults' "
+        "speed-up over one thread, total time: " + ", ".join(f"{clip} {x}x" for clip, x in speedups.items()) + ".",
         "",
         _table(["setting", "torch threads", "clip", "LM ms/step", "EnCodec s", "total s", "compute s per audio s"],
                rows),
@@ -290,7 +293,9 @@ def _streaming_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
         "## Audio while it is made (`stream_audio`)",
         "",
         f"The same whole jobs (musicgen-small-sized LM, real-size EnCodec, LM {c['precision']}, decoder "
-        f"{c['decoder']}, {c['threads']} torch thread(s); text encoding not included) with and without streaming, "
+        f"{c['decoder']}, {c['threads']} torch thread(s)"
+        f"{' while no other process uses the cores' if c.get('shares_cores') else ''}; text encoding not included) "
+        "with and without streaming, "
         f"alternating, same seed, {c['repeats']} repeat(s): time to the first audio event and to the finished "
         "WAV. The cost is the median paired ratio of the times to the WAV, less one (goal: at most 5 %).",
         "",

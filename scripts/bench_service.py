@@ -9,6 +9,7 @@ import typing as tp
 import requests
 import torch
 
+from app import threads
 from app.config import Settings
 from app.model import MusicModel
 from app.params import GenerationParams
@@ -27,10 +28,14 @@ def _load(name: str) -> MusicModel:
     return MusicModel.from_settings(Settings(model=name, device="cpu", mbd_model="debug"))
 
 
-def _bare(model: MusicModel, duration: int, mbd: bool = False) -> float:
+def _bare(model: MusicModel, duration: int, mbd: bool = False,
+          policy: tp.Optional[threads.CpuThreads] = None) -> float:
+    """Seconds for one generation in this process; with `policy`, its threads as the service's worker sets them."""
     params = GenerationParams(description="90s rock song", duration=duration, mbd=mbd, seed=SEED)
     t = time.perf_counter()
-    model.generate(params, SEED, lambda stage: None)
+    if policy is not None:
+        policy.begin()
+    model.generate(params, SEED, policy.on_step if policy is not None else lambda stage: None)
     return time.perf_counter() - t
 
 
@@ -55,18 +60,22 @@ def debug_durations(durations: tp.List[int]) -> tp.Dict[str, tp.Any]:
 
 def end_to_end(durations: tp.Dict[str, tp.List[int]], repeats: int) -> tp.Dict[str, tp.Any]:
     """End-to-end time (POST to `completed`, through gunicorn + SSE) / bare MusicModel.generate with the same
-    model, settings and parameters, alternated request by request; median of the paired ratios."""
+    model, settings and parameters (torch threads included), alternated request by request; median of the paired
+    ratios."""
     out: tp.Dict[str, tp.Any] = {}
+    before = torch.get_num_threads()
+    policy = threads.CpuThreads(Settings().cpu_threads)
+    policy.apply()
     for name, lengths in durations.items():
         bare_model = _load(name)
         with Server(env={"MUSICGEN_MODEL": name, "MUSICGEN_MBD_MODEL": "debug"}) as server:
             server.wait(timeout=600)
             for duration in lengths:
-                _served(server.url, 1), _bare(bare_model, 1)  # warm both
+                _served(server.url, 1), _bare(bare_model, 1, policy=policy)  # warm both
                 served, bare = [], []
                 for _ in range(repeats):
                     served.append(_served(server.url, duration))
-                    bare.append(_bare(bare_model, duration))
+                    bare.append(_bare(bare_model, duration, policy=policy))
                 ratios = [s / b for s, b in zip(served, bare, strict=True)]
                 out[f"{name} {duration} s"] = {"bare_s": round(statistics.median(bare), 3),
                                                "served_s": round(statistics.median(served), 3),
@@ -75,6 +84,7 @@ def end_to_end(durations: tp.Dict[str, tp.List[int]], repeats: int) -> tp.Dict[s
                                                "ratio": round(statistics.median(ratios), 3),
                                                "ratio_max": round(max(ratios), 3)}
         del bare_model
+    torch.set_num_threads(before)
     return out
 
 

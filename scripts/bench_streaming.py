@@ -169,7 +169,8 @@ def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> 
                 "ratios_per_repeat": [round(r, 4) for r in ratios]}
     finally:
         torch.set_num_threads(before)
-    return {"threads": used, "precision": settings.precision, "decoder": decoder, "repeats": repeats, "clips": out}
+    return {"threads": used, "shares_cores": policy.shares, "precision": settings.precision, "decoder": decoder,
+            "repeats": repeats, "clips": out}
 
 
 def _job(model: tp.Any, params: tp.Any, level: str, stream: bool, policy: tp.Any, pcm16: tp.Callable[..., bytes],

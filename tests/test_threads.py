@@ -106,34 +106,44 @@ def test_a_count_is_set_on_the_generation_thread_not_the_callers(setting):
     assert torch.get_num_threads() == before  # the caller's own count is the caller's
 
 
-def test_every_core_unless_other_processes_use_a_share_of_them_now(two_cores):
+def test_every_core_until_a_step_waits_for_one_then_one_thread_while_other_processes_use_them(two_cores):
     r = Readings()
     policy = r.policy(0)
     assert policy.shares and policy.apply() == 2 and torch.get_num_threads() == 2  # to load the model
-    r.neighbours = 0.1  # a twentieth of 2 cores: noise, not a neighbour
-    assert policy.begin() == 2 and torch.get_num_threads() == 2
-    assert r.now == 100 + threads.LOOK_SECONDS
-    r.neighbours = 0.6  # 30 % of the cores
-    assert policy.begin() == 1 and torch.get_num_threads() == 1
-    r.neighbours = 0  # gone again
-    assert policy.begin() == 2
-
-
-def test_a_step_whose_threads_waited_for_a_core_ends_the_generation_on_one_thread(two_cores):
-    r = Readings()
-    policy = r.policy(0)
-    policy.apply()
-    assert policy.begin() == 2
-    r.now, r.waited = r.now + 0.030, r.waited + 0.002  # a 30 ms step, 2 ms waiting: quiet
+    r.neighbours = 2.0  # not looked at: nothing made this process's threads wait yet
+    assert policy.begin() == 2 and r.now == 100
+    for _ in range(5):
+        r.now, r.waited = r.now + 0.030, r.waited + 0.002  # 30 ms steps, 2 ms waiting: quiet
+        policy.step()
+    assert torch.get_num_threads() == 2
+    r.now, r.waited = r.now + 0.030, r.waited + 0.010  # one preemption: a third of a step, not of 0.1 s
     policy.step()
     assert torch.get_num_threads() == 2
     r.now, r.waited = r.now + 0.120, r.waited + 0.110  # spinning threads that a neighbour preempts
     policy.step()
     assert policy.threads == torch.get_num_threads() == 1
     r.now, r.waited = r.now + 0.030, r.waited + 0.030
-    policy.step()  # stays on one thread for the rest of this generation: nothing to measure there
+    policy.step()  # one thread for the rest of this generation: nothing to measure there
     assert torch.get_num_threads() == 1
-    assert policy.begin() == 2  # the next generation, the neighbour gone
+    # Later generations look first, for LOOK_SECONDS, while the cores were found shared.
+    start = r.now
+    assert policy.begin() == 1 and r.now == start + threads.LOOK_SECONDS
+    r.neighbours = 0.6  # 30 % of the cores
+    assert policy.begin() == 1
+    r.neighbours = 0.1  # a twentieth of 2 cores: noise, not a neighbour
+    assert policy.begin() == 2 and torch.get_num_threads() == 2
+    start = r.now
+    assert policy.begin() == 2 and r.now == start  # quiet: no look
+
+
+def test_a_generation_on_a_gpu_runs_one_cpu_thread_without_looking(two_cores):
+    r = Readings()
+    r.neighbours = None  # any reading would fail
+    policy = r.policy(0)
+    assert policy.apply() == 2
+    assert policy.begin(on_cpu=False) == 1 and r.now == 100
+    policy.step()  # nothing to look at on one thread
+    assert torch.get_num_threads() == 1
 
 
 def test_a_count_and_a_single_core_never_look(two_cores):
@@ -152,7 +162,9 @@ def test_a_count_and_a_single_core_never_look(two_cores):
 def test_without_readings_one_thread(two_cores):
     policy = threads.CpuThreads(0, sleep=lambda seconds: None, others_busy=lambda: None, waited=lambda: None)
     assert policy.apply() == 2  # loading
-    assert policy.begin() == 1
+    assert policy.begin() == 2
+    policy.step()  # no reading of the waits: as if shared
+    assert policy.threads == 1 and policy.begin() == 1
 
 
 def test_the_service_follows_the_policy_step_by_step(two_cores):
@@ -160,9 +172,9 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
     model = ThreadCountingModel(steps=4)
 
     def neighbour_arrives(stage):
-        r.now += 0.05
+        r.now += 0.06
         if len(model.seen) % 6 == 2:  # during each job's second step (6 entries a job)
-            r.waited += 0.05
+            r.waited += 0.06
 
     service = GenerationService(lambda: model, cpu_threads=r.policy(0)).start()
     try:
@@ -176,8 +188,9 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
             assert drain(service.submit(params()))[-1]["event"] == "completed"
     finally:
         service.stop()
-    # Each generation starts on both cores; the second step waited half its time for a core, so the rest of the
-    # generation (steps 3-4 and the decoding) runs on one thread.
+    # The first generation starts on both cores; its second step waited all its time for a core (half of the two
+    # steps' 0.12 s), so the rest of it (steps 3-4 and the decoding) runs on one thread. The second looks first,
+    # finds the cores free (the stand-in neighbour used no CPU time) and starts on both again.
     one_job = [("generation", 2), ("lm", 2), ("lm", 1), ("lm", 1), ("lm", 1), ("decode", 1)]
     assert model.seen == one_job * 2
 
@@ -206,16 +219,23 @@ def test_real_readings_see_other_processes_and_waiting_for_a_core():
 def test_real_policy_drops_to_one_thread_among_hogs_and_takes_every_core_back():
     policy = threads.CpuThreads(0)
     policy.apply()
-    assert policy.begin() == threads.available_cores()  # nothing else runs
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    with hogs():
-        for _ in range(20):  # steps of a generation that started before the neighbours
+
+    def steps():
+        for _ in range(20):
             deadline = time.monotonic() + 0.03
             while time.monotonic() < deadline:
                 a @ b
             policy.step()
+
+    assert policy.begin() == threads.available_cores()
+    steps()
+    assert policy.threads == threads.available_cores()  # nothing else runs
+    with hogs():
+        assert policy.begin() == threads.available_cores()  # not looked at: nothing waited yet
+        steps()
         assert policy.threads == 1
-        assert policy.begin() == 1  # the next generation, the neighbours still there
+        assert policy.begin() == 1  # the next generation looks: the neighbours are still there
     assert policy.begin() == threads.available_cores()
 
 
