@@ -10,7 +10,7 @@ collapse as soon as another process takes a core (a 1 s clip: 6x the quiet time,
 threads that sleep instead (OMP_WAIT_POLICY=PASSIVE) were slower than 1 thread quiet. Hence the default,
 `CpuThreads(0)`: every core while no other process uses them, one thread while one does. After each step of a
 generation on several threads it reads the time this process's threads waited for a core (schedstat): steps whose
-threads spent a quarter of their time waiting (over 0.1 s at least) end the generation on one thread. The next
+threads spent a quarter of their time waiting (over 0.25 s at least) end the generation on one thread. The next
 generation then looks first (the other processes' CPU time on these cores over 50 ms, /proc/stat), and takes every
 core again once they are free. A generation on a GPU gets one CPU thread (as before this policy: the CPU only feeds
 the GPU). A count (1, 2, ...) is always that.
@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 # core: ~1.0; quiet: ~0.0).
 BUSY_SHARE = 0.25
 WAIT_SHARE = 0.25
-# Waits are judged over steps that last this long at least: a 30 ms step preempted once by a kernel thread or a
-# daemon can wait a quarter of itself; a neighbour that holds a core makes spinning threads wait all the time.
-WAIT_WINDOW_SECONDS = 0.1
+# Waits are judged over steps that last this long at least: a 30 ms step preempted once by a kernel thread, or
+# 0.1 s of steps during a burst of this host's agent, can wait a quarter of itself (a quiet 30 s clip dropped to one
+# thread that way at 0.1 s); a neighbour that holds a core makes spinning threads wait all the time.
+WAIT_WINDOW_SECONDS = 0.25
 # How long a generation looks at the cores before it starts: /proc/stat counts in ticks of 10 ms, so 5 per core.
 LOOK_SECONDS = 0.05
 

@@ -116,7 +116,7 @@ def test_every_core_until_a_step_waits_for_one_then_one_thread_while_other_proce
         r.now, r.waited = r.now + 0.030, r.waited + 0.002  # 30 ms steps, 2 ms waiting: quiet
         policy.step()
     assert torch.get_num_threads() == 2
-    r.now, r.waited = r.now + 0.030, r.waited + 0.010  # one preemption: a third of a step, not of 0.1 s
+    r.now, r.waited = r.now + 0.030, r.waited + 0.010  # one preemption: a third of a step, not of 0.25 s
     policy.step()
     assert torch.get_num_threads() == 2
     r.now, r.waited = r.now + 0.120, r.waited + 0.110  # spinning threads that a neighbour preempts
@@ -172,9 +172,9 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
     model = ThreadCountingModel(steps=4)
 
     def neighbour_arrives(stage):
-        r.now += 0.06
+        r.now += 0.13
         if len(model.seen) % 6 == 2:  # during each job's second step (6 entries a job)
-            r.waited += 0.06
+            r.waited += 0.13
 
     service = GenerationService(lambda: model, cpu_threads=r.policy(0)).start()
     try:
@@ -189,7 +189,7 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
     finally:
         service.stop()
     # The first generation starts on both cores; its second step waited all its time for a core (half of the two
-    # steps' 0.12 s), so the rest of it (steps 3-4 and the decoding) runs on one thread. The second looks first,
+    # steps' 0.26 s), so the rest of it (steps 3-4 and the decoding) runs on one thread. The second looks first,
     # finds the cores free (the stand-in neighbour used no CPU time) and starts on both again.
     one_job = [("generation", 2), ("lm", 2), ("lm", 1), ("lm", 1), ("lm", 1), ("decode", 1)]
     assert model.seen == one_job * 2
