@@ -133,10 +133,10 @@ class CpuThreads:
         thread (spinning threads would collapse)."""
         if not self.shares or self.threads == 1:
             return
-        now, waited = self._clock(), self._waited()
-        then, waited_then = self._stepped
-        if now - then < WAIT_WINDOW_SECONDS and waited is not None:
-            return
+        now, (then, waited_then) = self._clock(), self._stepped
+        if now - then < WAIT_WINDOW_SECONDS:
+            return  # /proc is read once a window, not at every step
+        waited = self._waited()
         self._stepped = (now, waited)
         if waited is None or waited_then is None or waited - waited_then > WAIT_SHARE * (now - then):
             log.info("another process uses the cores: one torch thread for the rest of this generation")

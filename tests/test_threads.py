@@ -112,15 +112,19 @@ def test_every_core_until_a_step_waits_for_one_then_one_thread_while_other_proce
     assert policy.shares and policy.apply() == 2 and torch.get_num_threads() == 2  # to load the model
     r.neighbours = 2.0  # not looked at: nothing made this process's threads wait yet
     assert policy.begin() == 2 and r.now == 100
+    reads = []
+    policy._waited = lambda: reads.append(r.now) or r.waited
     for _ in range(5):
         r.now, r.waited = r.now + 0.030, r.waited + 0.002  # 30 ms steps, 2 ms waiting: quiet
         policy.step()
+    assert reads == []  # 0.15 s: inside the window the waits are not read
     assert torch.get_num_threads() == 2
     r.now, r.waited = r.now + 0.030, r.waited + 0.010  # one preemption: a third of a step, not of 0.25 s
     policy.step()
     assert torch.get_num_threads() == 2
     r.now, r.waited = r.now + 0.120, r.waited + 0.110  # spinning threads that a neighbour preempts
     policy.step()
+    assert len(reads) == 1  # once the window is over
     assert policy.threads == torch.get_num_threads() == 1
     r.now, r.waited = r.now + 0.030, r.waited + 0.030
     policy.step()  # one thread for the rest of this generation: nothing to measure there
@@ -160,9 +164,11 @@ def test_a_count_and_a_single_core_never_look(two_cores):
 
 
 def test_without_readings_one_thread(two_cores):
-    policy = threads.CpuThreads(0, sleep=lambda seconds: None, others_busy=lambda: None, waited=lambda: None)
+    r = Readings()
+    policy = threads.CpuThreads(0, clock=lambda: r.now, sleep=r.sleep, others_busy=lambda: None, waited=lambda: None)
     assert policy.apply() == 2  # loading
     assert policy.begin() == 2
+    r.now += threads.WAIT_WINDOW_SECONDS
     policy.step()  # no reading of the waits: as if shared
     assert policy.threads == 1 and policy.begin() == 1
 
