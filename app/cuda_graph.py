@@ -383,15 +383,9 @@ def _attend_masked(module: StreamingMultiheadAttention, q: torch.Tensor, keys: t
     if module.memory_efficient:
         x = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=_mask(masks, valid, q.dtype))
     else:
-        q = q / q.shape[-1] ** 0.5
-        key_layout = layout.replace("t", "k")
-        if q.device.type == "cuda" and module.safe_streaming:
-            with torch.autocast(device_type="cuda", dtype=torch.float32):
-                w = torch.einsum(f"{layout},{key_layout}-> b h t k", q, keys)
-        else:
-            w = torch.einsum(f"{layout},{key_layout}-> b h t k", q, keys)
+        w = fast_lm._scores(module, q, keys, layout)
         w = w + _mask(masks, valid, dtype)  # stock adds its (all-zero) causal mask, in the input's dtype
-        x = torch.einsum(f"b h t k, {key_layout} -> {layout}", torch.softmax(w, dim=-1).to(values), values)
+        x = fast_lm._mix(w, values, layout)
     x = rearrange(x.to(dtype), f"{layout} -> b t (h d)", h=module.num_heads)
     return module.out_proj(x)
 

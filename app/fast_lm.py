@@ -161,19 +161,28 @@ def _attend(module: StreamingMultiheadAttention, q: torch.Tensor, k: torch.Tenso
         else:
             x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        q = q / q.shape[-1] ** 0.5
-        keys = layout.replace("t", "k")
-        if q.device.type == "cuda" and module.safe_streaming:
-            with torch.autocast(device_type="cuda", dtype=torch.float32):
-                w = torch.einsum(f"{layout},{keys}-> b h t k", q, k)
-        else:
-            w = torch.einsum(f"{layout},{keys}-> b h t k", q, k)
+        w = _scores(module, q, k, layout)
         if causal:
             t, s = w.shape[-2:]
             w = w + torch.full((t, s), float("-inf"), device=w.device, dtype=w.dtype).triu(s - t + 1)
-        x = torch.einsum(f"b h t k, {keys} -> {layout}", torch.softmax(w, dim=-1).to(v), v)
+        x = _mix(w, v, layout)
     x = rearrange(x.to(dtype), f"{layout} -> b t (h d)", h=module.num_heads)
     return module.out_proj(x)
+
+
+def _scores(module: StreamingMultiheadAttention, q: torch.Tensor, k: torch.Tensor, layout: str) -> torch.Tensor:
+    """audiocraft's einsum attention (its non-`memory_efficient` path): scaled query-key products, unmasked."""
+    q = q / q.shape[-1] ** 0.5
+    equation = f"{layout},{layout.replace('t', 'k')}-> b h t k"
+    if q.device.type == "cuda" and module.safe_streaming:
+        with torch.autocast(device_type="cuda", dtype=torch.float32):
+            return torch.einsum(equation, q, k)
+    return torch.einsum(equation, q, k)
+
+
+def _mix(w: torch.Tensor, v: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values weighted by the softmax of masked scores `w`, as audiocraft's einsum path does."""
+    return torch.einsum(f"b h t k, {layout.replace('t', 'k')} -> {layout}", torch.softmax(w, dim=-1).to(v), v)
 
 
 def _project(module: StreamingMultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
