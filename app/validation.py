@@ -88,26 +88,28 @@ def parse_request(body: bytes, read_audio: tp.Optional[ReadAudio] = None) -> Gen
     return GenerationParams(**fields)
 
 
+# pydantic error types whose rule reads the same for every field.
+_RULES = {
+    "missing": "required",
+    "string_too_short": "must not be empty",
+    "string_too_long": f"at most {MAX_DESCRIPTION_CHARS} characters",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a finite number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+}
+
+
 def describe(error: tp.Mapping[str, tp.Any]) -> str:
     """One pydantic error as `field: rule`."""
     field = ".".join(str(part) for part in error["loc"]) or "body"
     kind = error["type"]
+    if kind in _RULES:
+        return f"{field}: {_RULES[kind]}"
     if kind == "extra_forbidden":
         return f"{field}: unknown field (accepted: {', '.join(GenerateParams.model_fields)})"
-    if kind == "missing":
-        return f"{field}: required"
-    if kind == "string_too_short":
-        return f"{field}: must not be empty"
-    if kind == "string_too_long":
-        return f"{field}: at most {MAX_DESCRIPTION_CHARS} characters"
-    if kind in ("int_type", "int_from_float"):
-        return f"{field}: must be an integer"
-    if kind in ("float_type", "finite_number"):
-        return f"{field}: must be a finite number"
-    if kind == "bool_type":
-        return f"{field}: must be true or false"
-    if kind == "string_type":
-        return f"{field}: must be a string"
     if kind == "literal_error":
         return f"{field}: must be one of {', '.join(tp.get_args(_unwrap(field)))}"
     bounds = error.get("ctx") or {}
