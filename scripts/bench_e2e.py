@@ -14,7 +14,6 @@ defaults and on one torch thread):
 
 import functools
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from app.audio import to_wav
 from app.config import Settings
 from app.model import MusicModel
 from app.params import GenerationParams
+from scripts.bench_threads import child_environment
 
 # facebook/encodec_32khz's config.json, as transformers reads it.
 ENCODEC_32KHZ = dict(audio_channels=1, chunk_length_s=None, codebook_dim=128, codebook_size=2048, compress=2,
@@ -133,10 +133,8 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) 
 def clips_apart(durations: tp.Sequence[int], env: tp.Mapping[str, str]) -> tp.Dict[str, tp.Any]:
     """`clips` in a process of its own, with `env` added to this one's environment, as the service runs: a process
     that loaded one model, not one that ran the benchmark's other sections first."""
-    environ = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env}
-    environ.pop("OMP_NUM_THREADS", None)  # MUSICGEN_CPU_THREADS decides
-    run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations)], cwd=ROOT, env=environ,
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations)], cwd=ROOT,
+                         env=child_environment(env), capture_output=True, text=True, check=True)
     return {**json.loads(run.stdout.splitlines()[-1]), "environment": dict(env)}
 
 

@@ -43,14 +43,22 @@ def settings_to_compare(cores: int) -> tp.Dict[str, tp.Dict[str, str]]:
     return out
 
 
+def child_environment(env: tp.Mapping[str, str]) -> tp.Dict[str, str]:
+    """This process's environment for a child that runs a setting as the service would: `env` added, huge pages
+    off unless `env` asks for them, torch's thread count left to MUSICGEN_CPU_THREADS, and OpenMP's wait policy
+    dropped where `env` gives it empty."""
+    environ = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env}
+    environ.pop("OMP_NUM_THREADS", None)
+    if env.get("OMP_WAIT_POLICY") == "":
+        environ.pop("OMP_WAIT_POLICY")
+    return environ
+
+
 class _Child:
     """One setting's process: loads the model, then generates the clip each time it reads a line."""
 
     def __init__(self, model: str, env: tp.Dict[str, str]):
-        environ = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env, "MUSICGEN_MODEL": model, "MUSICGEN_DEVICE": "cpu"}
-        environ.pop("OMP_NUM_THREADS", None)  # the setting decides
-        if not env.get("OMP_WAIT_POLICY"):
-            environ.pop("OMP_WAIT_POLICY", None)
+        environ = child_environment({**env, "MUSICGEN_MODEL": model, "MUSICGEN_DEVICE": "cpu"})
         self.process = subprocess.Popen([sys.executable, "-m", "scripts.bench_threads", "--child"], cwd=ROOT,
                                         env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
