@@ -317,10 +317,12 @@ class GenerationService:
         progress = Progress(totals, SHARES_MBD if params.mbd else SHARES_STREAM if params.stream_audio else SHARES)
 
         def on_step(stage: str) -> None:
-            if job.cancelled.is_set():
-                raise Cancelled(job.reason)
             if self._cpu_threads is not None:
                 self._cpu_threads.on_step(stage)
+            if stage == "layer":  # inside an LM step: its threads only; a step is what cancels and counts
+                return
+            if job.cancelled.is_set():
+                raise Cancelled(job.reason)
             percent = progress.step(stage)
             if percent is not None:
                 job.events.put({"event": "progress", "progress": percent})

@@ -215,7 +215,9 @@ class MusicModel:
         """Generate one clip and return it as a `[channels, samples]` float tensor on the CPU.
 
         `on_step(stage)` runs after every LM step ("lm"), after EnCodec decoding ("decode") and after
-        every diffusion step ("diffusion"); raising from it aborts the generation there. With `on_audio`,
+        every diffusion step ("diffusion"); raising from it aborts the generation there. On a CPU it also runs
+        before each of the LM's transformer layers ("layer"), where a step's CPU threads may change
+        (app/threads.py): a step on threads that another process preempts can take a second. With `on_audio`,
         the clip's new music also goes to `on_audio(chunk, first sample)` while the LM makes it, a second at a
         time, decoded with EnCodec (with `mbd` too) and levelled with `level` (app/streaming.py); EnCodec's
         clip is then assembled from those chunks instead of being decoded again.
@@ -227,10 +229,12 @@ class MusicModel:
         mg.set_custom_progress_callback(lambda done, total: on_step("lm"))
         torch.manual_seed(seed)  # seeds CUDA too; MBD's noise is drawn from the same generators
         with torch.inference_mode():
-            with contextlib.ExitStack() as stream:
+            with contextlib.ExitStack() as scope:
+                if self.device == "cpu":
+                    scope.enter_context(_before_each_layer(mg.lm, lambda: on_step("layer")))
                 if on_audio is not None:
                     self._check_streams()
-                    stream.enter_context(AudioStream(mg, on_audio, STREAM_CHUNK_SECONDS, self.stream_plan, level))
+                    scope.enter_context(AudioStream(mg, on_audio, STREAM_CHUNK_SECONDS, self.stream_plan, level))
                 wav, tokens = self._generate(params)
             on_step("decode")
             if params.mbd:
@@ -275,3 +279,15 @@ class MusicModel:
         if self.stereo:  # [left; right] x mono -> one clip with two channels
             wav = torch.cat([wav[:1], wav[1:]], dim=1)
         return wav
+
+
+@contextlib.contextmanager
+def _before_each_layer(lm: torch.nn.Module, call: tp.Callable[[], None]) -> tp.Iterator[None]:
+    """`call()` before each transformer layer of `lm` runs, inside this block (the lean step keeps the layers' own
+    hooks: app/lean_step.py)."""
+    hooks = [layer.register_forward_pre_hook(lambda *_: call()) for layer in lm.transformer.layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -9,11 +9,11 @@ while OpenMP's threads spin between them: on a 2-core machine to itself, 2 spinn
 collapse as soon as another process takes a core (a 1 s clip: 6x the quiet time, against 2x for 1 thread), and
 threads that sleep instead (OMP_WAIT_POLICY=PASSIVE) were slower than 1 thread quiet. Hence the default,
 `CpuThreads(0)`: every core while no other process uses them, one thread while one does. After each step of a
-generation on several threads it reads the time this process's threads waited for a core (schedstat): steps whose
-threads spent a quarter of their time waiting (over 0.25 s at least) end the generation on one thread. The next
-generation then looks first (the other processes' CPU time on these cores over 50 ms, /proc/stat), and takes every
-core again once they are free. A generation on a GPU gets one CPU thread (as before this policy: the CPU only feeds
-the GPU). A count (1, 2, ...) is always that.
+generation on several threads, and between its layers, it reads the time this process's threads waited for a core
+(schedstat): steps whose threads spent a quarter of their time waiting (over 0.25 s at least) end the generation on
+one thread. The next generation then looks first (the other processes' CPU time on these cores over 50 ms,
+/proc/stat), and takes every core again once they are free. A generation on a GPU gets one CPU thread (as before
+this policy: the CPU only feeds the GPU). A count (1, 2, ...) is always that.
 """
 
 import contextlib
@@ -128,9 +128,10 @@ class CpuThreads:
         return self.threads
 
     def step(self) -> None:
-        """After a decoding step: on several threads, steps whose threads waited a share of their time for a core
-        (over `WAIT_WINDOW_SECONDS` at least, so that one preemption is not a neighbour) end this generation on one
-        thread (spinning threads would collapse)."""
+        """After a decoding step or between its layers: on several threads, steps whose threads waited a share of
+        their time for a core (over `WAIT_WINDOW_SECONDS` at least, so that one preemption is not a neighbour) end
+        this generation on one thread (spinning threads would collapse: a step can then take a second, hence the
+        look between layers too)."""
         if not self.shares or self.threads == 1:
             return
         now, (then, waited_then) = self._clock(), self._stepped
@@ -144,8 +145,9 @@ class CpuThreads:
             self._set(1)
 
     def on_step(self, stage: str) -> None:
-        """`step` after each LM step, for a generation's `on_step(stage)` (app/model.py)."""
-        if stage == "lm":
+        """`step` after each LM step and before each of its layers, for a generation's `on_step(stage)`
+        (app/model.py)."""
+        if stage in ("lm", "layer"):
             self.step()
 
     def _set(self, threads: int) -> None:

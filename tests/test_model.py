@@ -152,7 +152,7 @@ def test_stereo_model_gives_two_channels(stereo, mbd):
     assert not torch.equal(wav[0], wav[1])  # left and right are decoded from their own token streams
 
 
-@pytest.mark.parametrize("stage", ["lm", "diffusion"])
+@pytest.mark.parametrize("stage", ["layer", "lm", "diffusion"])
 def test_raising_from_a_step_aborts_and_the_next_generation_works(mono, stage):
     steps = []
 

@@ -14,6 +14,7 @@ import torch
 from app import threads
 from app.config import ConfigError, Settings
 from app.generation import GenerationService
+from app.model import MusicModel
 from tests.test_generation import FakeModel, drain, params
 
 
@@ -199,6 +200,31 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
     # finds the cores free (the stand-in neighbour used no CPU time) and starts on both again.
     one_job = [("generation", 2), ("lm", 2), ("lm", 1), ("lm", 1), ("lm", 1), ("decode", 1)]
     assert model.seen == one_job * 2
+
+
+def test_a_real_model_looks_before_each_layer_so_a_collapsing_step_drops_to_one_thread_inside_it(two_cores):
+    # Spinning threads that a neighbour preempts can make one step take a second (1.4 s for a debug-small step
+    # measured among two hogs): the policy also looks between the LM's layers, which the model reports on a CPU.
+    model = MusicModel.load("debug", "cpu", "debug")
+    layers = model.musicgen.lm.transformer.layers
+    r = Readings()
+    policy = r.policy(0)
+    policy.apply()
+    assert policy.begin() == 2
+    seen = []
+
+    def on_step(stage):
+        if stage == "layer":  # a neighbour arrived: each layer takes 0.2 s, all of it waiting for a core
+            r.now, r.waited = r.now + 0.2, r.waited + 0.2
+        policy.on_step(stage)
+        seen.append((stage, torch.get_num_threads()))
+
+    model.generate(params(), 0, on_step)
+    first_step = seen[:seen.index(("lm", 1)) + 1]
+    # 0.4 s into the first step (its second layer) the waits are read, before the step ends.
+    assert first_step == [("layer", 2), ("layer", 1), ("lm", 1)] and len(layers) == 2
+    assert seen.count(("layer", 1)) == len(layers) * seen.count(("lm", 1)) - 1  # every step, one thread
+    assert not any(layer._forward_pre_hooks for layer in layers)  # only while it generates
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux /proc")
