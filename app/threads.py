@@ -84,7 +84,8 @@ def waited_seconds() -> tp.Optional[float]:
 
 class CpuThreads:
     """MUSICGEN_CPU_THREADS for the generation thread: `apply` once when it starts, then `begin` before each
-    generation and `step` after each of its decoding steps. A count is fixed; 0 shares the cores (module doc)."""
+    generation and `step` after each of its decoding steps and between their layers. A count is fixed; 0 shares the
+    cores (module doc)."""
 
     def __init__(self, setting: int, clock: tp.Callable[[], float] = time.monotonic,
                  sleep: tp.Callable[[float], None] = time.sleep,
