@@ -88,8 +88,8 @@ class Settings:
     # know, for files you trust (a load error names the type a checkpoint needs).
     trusted_checkpoint_types: str = ""
     # MUSICGEN_PARALLEL_ATTENTION: on CPU, once the context passes 256 steps, the CFG batch's two halves attend over
-    # the KV cache at once, the second on a helper thread (app/pair_attention.py): bit-identical, 1.08-1.13x per step
-    # at 600 steps and 1.18-1.24x at 1400 (paired; up to ~10 % slower while other processes hold both cores), where a
+    # the KV cache at once, the second on a helper thread (app/pair_attention.py): bit-identical, 0.95-1.13x per step
+    # at 600 steps and 1.17-1.24x at 1400 (paired; up to ~10 % slower while other processes hold both cores), where a
     # generation runs one torch thread (MUSICGEN_CPU_THREADS 1, or 0 while other processes use the cores) and this
     # process may use two cores or more. 0: one core for everything.
     parallel_attention: bool = True
