@@ -93,6 +93,10 @@ class Settings:
     # generation runs one torch thread (MUSICGEN_CPU_THREADS 1, or 0 while other processes use the cores) and this
     # process may use two cores or more. 0: one core for everything.
     parallel_attention: bool = True
+    # MUSICGEN_INT8_KERNEL: with int8-dynamic, the products on this service's AVX512-VNNI kernel (app/int8_kernel.py,
+    # built with g++ at the first load and cached; 1.15x fbgemm's per step in the benchmark) where the CPU has it and
+    # it builds, else on fbgemm's kernels; 0: always fbgemm's.
+    int8_kernel: bool = True
 
     def __post_init__(self) -> None:
         if not self.model.strip():

@@ -20,7 +20,8 @@ changes the order of the sums, not the maths: logits stay within float rounding 
 
 With `int8_weights` (MUSICGEN_PRECISION=int8-dynamic) every one of those products is stored as int8
 weights instead (`Int8Linear`): half the bytes of bf16, multiplied by int8 activations quantized at each call
-(VNNI dot products through fbgemm). That does change the numbers: app/precision.py says by how much.
+(VNNI dot products, on this service's own kernel, app/int8_kernel.py, or fbgemm's). That does change the
+numbers: app/precision.py says by how much.
 """
 
 import contextlib
@@ -35,6 +36,7 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention, _get_att
 from einops import rearrange
 from torch.nn import functional as F
 
+from . import int8_kernel
 from . import lean_step as lean
 from .pair_attention import shared as pair_attention_helper
 
@@ -66,13 +68,21 @@ class PackedLinear(torch.nn.Module):
 class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights (one scale per output row, symmetric) whose input is quantized to 8 bits
     at every call (one scale for the whole input, computed from it) and multiplied in integers: PyTorch's x86
-    dynamic quantization, whose fbgemm kernels use VNNI dot products. Returns fp32. Inference only."""
+    dynamic quantization. Its products run on this service's AVX512-VNNI kernel (app/int8_kernel.py) where
+    `own_kernel` and it loads, else on fbgemm's kernels (VNNI dot products too). Returns fp32. Inference only."""
 
-    def __init__(self, weight: torch.Tensor, bias: tp.Optional[torch.Tensor]):
+    def __init__(self, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], own_kernel: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.kernel = int8_kernel.load() if own_kernel and self.in_features <= int8_kernel.MAX_INPUTS else None
+        if self.kernel is not None:
+            quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+            self.packed = self.kernel.pack(quantized)
+            self.scales, self.sums = scales.contiguous(), quantized.sum(dim=1, dtype=torch.int32)
+            self.bias = None if bias is None else bias.detach().float().contiguous()
+            return
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         quantized = torch.quantize_per_channel(weight, scales.double(), zeros, 0, torch.qint8)
         with _quantized_engine("fbgemm"):
@@ -81,6 +91,8 @@ class Int8Linear(torch.nn.Module):
         self.reduce_range = not torch.cpu._is_vnni_supported()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.linear(x.float(), self.packed, self.scales, self.sums, self.bias)
         # Given a ScriptObject (the packed weight), torch looks `__torch_function__` up on it at every call, which
         # raises and catches an AttributeError: on a 1024x1024 product kept in the cache, 69 us a call with it and
         # 39 us without; a whole int8 step at musicgen-small size ran 1.09-1.16x faster (paired). No tensor subclass
@@ -89,7 +101,8 @@ class Int8Linear(torch.nn.Module):
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8"
+        kernel = "fbgemm" if self.kernel is None else "own"
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8, kernel={kernel}"
 
 
 @contextlib.contextmanager
@@ -110,7 +123,7 @@ def can_quantize() -> bool:
         return False
     weight, x = torch.eye(16)[:8], torch.arange(32, dtype=torch.float32).view(2, 16)
     try:
-        return torch.allclose(Int8Linear(weight, None)(x), x[:, :8], rtol=0.02, atol=0.2)
+        return torch.allclose(Int8Linear(weight, None, own_kernel=False)(x), x[:, :8], rtol=0.02, atol=0.2)
     except RuntimeError:
         return False
 
@@ -283,11 +296,12 @@ def _pack_attention(module: StreamingMultiheadAttention, pack: Packer = PackedLi
         setattr(module, name, None)
 
 
-def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear) -> int:
+def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear, int8: bool = False) -> int:
+    """Pack every plain `nn.Linear` under `root` (as int8 with `int8`: any weight; else those oneDNN packs)."""
     count = 0
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and (pack is Int8Linear or can_pack(child.weight)):
+            if type(child) is torch.nn.Linear and (int8 or can_pack(child.weight)):
                 setattr(parent, name, pack(child.weight, child.bias))
                 count += 1
     return count
@@ -295,17 +309,18 @@ def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear) -> int:
 
 def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False,
             packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
-            pair_attention: bool = False) -> tp.Dict[str, int]:
+            pair_attention: bool = False, own_int8_kernel: bool = True) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
-    that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`); with both caches,
+    that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`; on this service's own
+    kernel where `own_int8_kernel` and it loads, app/int8_kernel.py, else on fbgemm's); with both caches,
     give the layers app/lean_step.py's single-token step unless `lean_step` is False (same logits), its
     self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py). Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
     counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0}
     int8_weights = int8_weights and can_quantize()
-    packed_weights = packed_weights or int8_weights  # int8 weights are packed for fbgemm's kernels by nature
-    pack: Packer = Int8Linear if int8_weights else PackedLinear
+    packed_weights = packed_weights or int8_weights  # int8 weights are packed for their kernels by nature
+    pack: Packer = functools.partial(Int8Linear, own_kernel=own_int8_kernel) if int8_weights else PackedLinear
     for module in lm.modules():
         if not isinstance(module, StreamingMultiheadAttention) or not _covered(module):
             continue
@@ -323,7 +338,8 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
             _pack_attention(module, pack)
             counts["packed_weights"] += 1
     if packed_weights:
-        counts["packed_weights"] += _pack_linears(lm.transformer, pack) + _pack_linears(lm.linears, pack)
+        for root in (lm.transformer, lm.linears):
+            counts["packed_weights"] += _pack_linears(root, pack, int8_weights)
     if counts["static_kv_cache"]:
         lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
     if lean_step and counts["static_kv_cache"]:  # layers with cross-attention need its cache too (`lean._eligible`)

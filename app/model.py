@@ -48,6 +48,7 @@ class Speedups:
     decoder_precision: str = "fp32"  # EnCodec's decoder (MUSICGEN_DECODER_PRECISION, app/codec.py)
     cuda_graph: bool = False  # MUSICGEN_CUDA_GRAPH (app/cuda_graph.py)
     parallel_attention: bool = False  # MUSICGEN_PARALLEL_ATTENTION (app/pair_attention.py)
+    int8_kernel: bool = False  # MUSICGEN_INT8_KERNEL: int8-dynamic's products on app/int8_kernel.py, not fbgemm's
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Speedups":
@@ -56,7 +57,7 @@ class Speedups:
         parallel_attention = (settings.parallel_attention and settings.cpu_threads in (0, 1)
                               and threads.available_cores() >= 2)
         return cls(settings.precision, settings.cross_kv_cache, settings.static_kv_cache, settings.packed_weights,
-                   settings.decoder_precision, settings.cuda_graph, parallel_attention)
+                   settings.decoder_precision, settings.cuda_graph, parallel_attention, settings.int8_kernel)
 
     @property
     def on_cpu_only(self) -> bool:
@@ -111,7 +112,8 @@ class MusicModel:
         resolved = lm_precision.apply(lm, speedups.precision, device)
         log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
             lm, speedups.cross_kv_cache, speedups.static_kv_cache, speedups.packed_weights,
-            int8_weights=resolved == "int8-dynamic", pair_attention=speedups.parallel_attention))
+            int8_weights=resolved == "int8-dynamic", pair_attention=speedups.parallel_attention,
+            own_int8_kernel=speedups.int8_kernel))
         log.info("EnCodec decoder precision %s",
                  decoder_codec.apply(self.musicgen.compression_model, speedups.decoder_precision, device))
         if speedups.cuda_graph and device.startswith("cuda"):

@@ -8,6 +8,7 @@ in the cache (their compute rate), round-robin. It also records the CPU's family
 that run (ONEDNN_VERBOSE in a child process, since oneDNN writes it to the process's own output).
 """
 
+import functools
 import json
 import os
 import statistics
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from app import fast_lm
+from app import fast_lm, int8_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 1024  # musicgen-small
 LAYERS = 24
 # A layer's products at a step: fused q/k/v, attention output, cross-attention query and output, feed-forward x2.
 SHAPES = [(3 * DIM, DIM), (DIM, DIM), (DIM, DIM), (DIM, DIM), (4 * DIM, DIM), (DIM, 4 * DIM)]
+INT8_FBGEMM = "int8 weights x int8 activations (fbgemm, VNNI)"
+INT8_OWN = "int8 weights x int8 activations (this service's AVX512-VNNI kernel)"
 
 
 def cpu_identity() -> tp.Dict[str, tp.Any]:
@@ -61,8 +64,8 @@ torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(q, None
 
 def onednn_kernels() -> tp.Dict[str, tp.Any]:
     """The ISA oneDNN dispatches to, and the kernel each product runs with: packed bf16 (the bf16 default) and
-    int8 with dynamically quantized activations on oneDNN's engine (the service's int8 runs fbgemm's kernels,
-    which oneDNN's verbose output cannot show)."""
+    int8 with dynamically quantized activations on oneDNN's engine (the service's int8 runs its own kernel or
+    fbgemm's, which oneDNN's verbose output cannot show)."""
     env = {**os.environ, "ONEDNN_VERBOSE": "1"}
     out = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], capture_output=True, text=True, env=env).stdout
     isa, kernels = "", {}
@@ -111,10 +114,12 @@ def product_rates(reps: int = 9) -> tp.Dict[str, tp.Any]:
     weights = [[torch.randn(*shape) * 0.02 for shape in SHAPES] for _ in range(LAYERS)]
     params = sum(o * i for o, i in SHAPES) * LAYERS
     variants, sizes = {}, {}
-    for name, pack, dtype, size in (("packed bf16 (oneDNN brgemm)", fast_lm.PackedLinear, torch.bfloat16, 2),
-                                    ("int8 weights x int8 activations (fbgemm, VNNI)", fast_lm.Int8Linear,
-                                     torch.float32, 1)):
-        if pack is fast_lm.Int8Linear and not fast_lm.can_quantize():
+    for name, pack, dtype, size in (
+            ("packed bf16 (oneDNN brgemm)", fast_lm.PackedLinear, torch.bfloat16, 2),
+            (INT8_FBGEMM, functools.partial(fast_lm.Int8Linear, own_kernel=False), torch.float32, 1),
+            (INT8_OWN, fast_lm.Int8Linear, torch.float32, 1)):
+        int8 = name in (INT8_FBGEMM, INT8_OWN)
+        if (int8 and not fast_lm.can_quantize()) or (name == INT8_OWN and int8_kernel.load() is None):
             continue
         variants[name] = _products(weights, pack, dtype)
         variants[name + ", hot"] = _products(weights, pack, dtype, hot=True)

@@ -27,6 +27,8 @@ BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU defau
 DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
 # The same without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean step saves.
 DEFAULT_STOCK_LAYER = DEFAULT + ", stock layer forward"
+# The default with its int8 products on fbgemm's kernels instead of app/int8_kernel.py's (MUSICGEN_INT8_KERNEL=0).
+DEFAULT_FBGEMM = DEFAULT + ", fbgemm's int8 kernels"
 # The default's self-attention over long contexts on one core (app/pair_attention.py off), paired with it.
 DEFAULT_ONE_CORE = DEFAULT + ", attention on one core"
 # Whether the service splits attention across two cores here (a generation on one thread, a second core free).
@@ -54,6 +56,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     bf16_fast = _shared_copy(bf16)  # shares the bf16 weights; hooks and class come along with the copy
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = _int8_default(stock, PAIR_ATTENTION)
+    int8_fbgemm = _int8_default(stock, PAIR_ATTENTION, own_kernel=False)
     int8_stock_layer = copy.deepcopy(stock)
     precision.apply(int8_stock_layer, "int8-dynamic", "cpu")
     fast_lm.install(int8_stock_layer, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, lean_step=False)
@@ -66,13 +69,14 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
-            DEFAULT: int8, DEFAULT_STOCK_LAYER: int8_stock_layer}
+            DEFAULT: int8, DEFAULT_FBGEMM: int8_fbgemm, DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
-def _int8_default(stock: LMModel, pair_attention: bool) -> LMModel:
+def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True) -> LMModel:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
-    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention)
+    fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention,
+                    own_int8_kernel=own_kernel)
     return int8
 
 
@@ -202,7 +206,7 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
-                                                DEFAULT_STOCK_LAYER)}
+                                                DEFAULT_FBGEMM, DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))

@@ -185,8 +185,9 @@ def _cpu_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
         "## The CPU, its kernels and how fast they read weights (1 thread, round-robin)",
         "",
         f"oneDNN dispatches to {cpu['onednn']['isa']}; kernels (ONEDNN_VERBOSE): {kernels}. The service's int8 "
-        "products run PyTorch's x86 dynamic quantization, whose kernels are fbgemm's (VNNI where the CPU has it), "
-        "not oneDNN's: oneDNN's own int8 path (above) ran slower per call in this service's 2-row products.",
+        "products run PyTorch's x86 dynamic quantization's maths on the service's own AVX512-VNNI kernel "
+        "(app/int8_kernel.py) where it builds, else on fbgemm's kernels (VNNI where the CPU has it), not "
+        "oneDNN's: oneDNN's own int8 path (above) ran slower per call in this service's 2-row products.",
         "",
         f"The 6 products of each of {rates['layers']} layers with distinct weights ({rates['weights_mb']['bf16']} MB "
         f"in bf16, {rates['weights_mb']['int8']} MB in int8), 2 rows (the CFG pair), streamed from memory as a "

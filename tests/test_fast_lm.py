@@ -100,15 +100,16 @@ def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
 
 
 def lowered(mg: MusicGen, name: str) -> MusicGen:
-    """A copy of `mg` at precision `name` ("-packed": with packed weights, on by default), as MusicModel.load
-    builds it."""
+    """A copy of `mg` at precision `name` ("-packed": with packed weights, on by default; "-fbgemm": int8 on
+    fbgemm's kernels, not app/int8_kernel.py's), as MusicModel.load builds it."""
     low = copy.deepcopy(mg)
-    packed = name.endswith("-packed")
-    name = name.removesuffix("-packed")
+    packed, fbgemm = name.endswith("-packed"), name.endswith("-fbgemm")
+    name = name.removesuffix("-packed").removesuffix("-fbgemm")
     assert precision.apply(low.lm, name, "cpu") == name
     int8 = name == "int8-dynamic"
     if packed or int8:  # int8 weights are packed whatever MUSICGEN_PACKED_WEIGHTS says
-        assert fast_lm.install(low.lm, True, True, packed_weights=packed, int8_weights=int8)["packed_weights"] > 0
+        assert fast_lm.install(low.lm, True, True, packed_weights=packed, int8_weights=int8,
+                               own_int8_kernel=not fbgemm)["packed_weights"] > 0
     return low
 
 
@@ -119,7 +120,8 @@ def drift(reference: torch.Tensor, logp: torch.Tensor) -> tp.Tuple[float, float]
     return float(kl), float((reference.argmax(-1) == logp.argmax(-1)).float().mean())
 
 
-@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic", "bf16-packed", "bf16-autocast-packed"])
+@pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic", "int8-dynamic-fbgemm", "bf16-packed",
+                                  "bf16-autocast-packed"])
 def test_lower_precision_stays_close_to_fp32(name):
     stock = musicgen(SMALL)
     kl, agreement = drift(next_token_distributions(stock), next_token_distributions(lowered(stock, name)))
@@ -136,7 +138,7 @@ def sharpened(mg: MusicGen, factor: float) -> MusicGen:
     return sharp
 
 
-@pytest.mark.parametrize("name", ["bf16-packed", "int8-dynamic"])
+@pytest.mark.parametrize("name", ["bf16-packed", "int8-dynamic", "int8-dynamic-fbgemm"])
 def test_lower_precision_stays_close_to_fp32_on_peaked_distributions(name):
     """The CPU defaults (int8-dynamic with VNNI, else bf16) on distributions as peaked as a trained model's: the
     most likely token keeps ~0.7 of the mass on average here, and the drift stays small."""
