@@ -3,6 +3,7 @@ import importlib.util
 import pytest
 import torch
 
+from app import int8_kernel
 from tests.helpers import ROOT, Server
 
 
@@ -15,6 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _int8_kernel_built():
+    """Build app/int8_kernel.py's kernel (where this CPU and machine can) before any test starts a server: a first
+    build takes ~20 s, which a server's start-up would otherwise pay; they all load it from torch's cache."""
+    int8_kernel.load()
 
 
 def _started(env=None):
