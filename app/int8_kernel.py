@@ -46,6 +46,7 @@ def load() -> tp.Optional[types.ModuleType]:
         return None
     from torch.utils import cpp_extension  # imported here: it looks for CUDA and a compiler at import
 
+    log.info("int8 products: loading this service's kernel from torch's extension cache (a first build: ~20 s)")
     try:
         with _ninja_on_path():
             module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
