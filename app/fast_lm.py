@@ -36,7 +36,7 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention, _get_att
 from einops import rearrange
 from torch.nn import functional as F
 
-from . import int8_kernel
+from . import half_attention, int8_kernel
 from . import lean_step as lean
 from .pair_attention import shared as pair_attention_helper
 
@@ -166,6 +166,7 @@ def _attend(module: StreamingMultiheadAttention, q: torch.Tensor, k: torch.Tenso
     layout = _layout(module)
     if module.attention_as_float32:
         q, k, v = q.float(), k.float(), v.float()
+    k, v = k.to(q.dtype), v.to(q.dtype)  # an fp16 cache (`half_kv_cache`) outside the lean step: a prompt, say
     if module.memory_efficient:  # audiocraft's torch backend: scaled_dot_product_attention
         t, s = q.shape[-2], k.shape[-2]
         if causal and t != s:  # new queries after cached keys (stock raises here): mask aligned to the end
@@ -251,7 +252,9 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
             shape[time_dim] = capacity
             # With attention_as_float32 (bf16 weights, see app/precision.py) the cache is kept in fp32: each new
             # row is converted once instead of the whole cache at every step.
-            buffer = x.new_empty(shape, dtype=torch.float32 if self.attention_as_float32 else x.dtype)
+            # With `half_kv_cache` (install) it is kept in fp16, read by app/half_attention.py's kernel.
+            dtype = getattr(self, "static_kv_dtype", None) or (torch.float32 if self.attention_as_float32 else x.dtype)
+            buffer = x.new_empty(shape, dtype=dtype)
             if length:
                 buffer.narrow(time_dim, 0, length).copy_(state[name].narrow(time_dim, 0, length))
             state[name] = buffer
@@ -260,6 +263,12 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
     state["static_length"] = torch.tensor(length + new)
     k, v = (state[name].narrow(time_dim, 0, length + new) for name in ("static_k", "static_v"))
     return _attend(self, q, k, v, new > 1, query.dtype), None
+
+
+def _half_cache_fits(module: StreamingMultiheadAttention) -> bool:
+    """The fp16 cache's kernel runs torch's attention layout (`memory_efficient`) on CPU, for heads it takes."""
+    return (module.memory_efficient and module.in_proj_weight.device.type == "cpu"
+            and half_attention.fits(module.embed_dim // module.num_heads) and half_attention.load() is not None)
 
 
 def _covered(module: StreamingMultiheadAttention) -> bool:
@@ -309,15 +318,18 @@ def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear, int8: bool
 
 def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False,
             packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
-            pair_attention: bool = False, own_int8_kernel: bool = True) -> tp.Dict[str, int]:
+            pair_attention: bool = False, own_int8_kernel: bool = True,
+            half_kv_cache: bool = False) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
     that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`; on this service's own
     kernel where `own_int8_kernel` and it loads, app/int8_kernel.py, else on fbgemm's); with both caches,
     give the layers app/lean_step.py's single-token step unless `lean_step` is False (same logits), its
-    self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py). Returns how
+    self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py), the static
+    cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits. Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
-    counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0}
+    counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
+              "half_kv_cache": 0}
     int8_weights = int8_weights and can_quantize()
     packed_weights = packed_weights or int8_weights  # int8 weights are packed for their kernels by nature
     pack: Packer = functools.partial(Int8Linear, own_kernel=own_int8_kernel) if int8_weights else PackedLinear
@@ -332,6 +344,9 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
             module.static_capacity = 0
             module.forward = types.MethodType(_static_forward, module)
             counts["static_kv_cache"] += 1
+            if half_kv_cache and _half_cache_fits(module):
+                module.static_kv_dtype = half_attention.DTYPE
+                counts["half_kv_cache"] += 1
         else:
             continue
         if packed_weights and (int8_weights or can_pack(module.in_proj_weight)):

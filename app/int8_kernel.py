@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("csrc") / "int8_linear.cpp"
 NAME = "musicgen_int8_linear"
 # AVX512 for this file only (`load` checks the CPU before anything in it runs); OpenMP, which torch's
 # `at::parallel_for` needs to spread the groups of columns over torch's threads (without it they run on one).
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp"]
 # The kernel's 32-bit sums hold 255 x 127 x this many inputs without overflow.
 MAX_INPUTS = 32768
 
@@ -41,24 +41,31 @@ def supported() -> bool:
 @functools.cache
 def load() -> tp.Optional[types.ModuleType]:
     """The built kernel (functions `pack` and `linear`), or None where this CPU or machine cannot have it."""
+    module = build(NAME, SOURCE, "int8 products", "fbgemm's kernels")
+    if module is not None and not _works(module):
+        log.warning("int8 products: fbgemm's kernels (this service's own gave wrong products in a trial)")
+        return None
+    return module
+
+
+def build(name: str, source: Path, what: str, instead: str) -> tp.Optional[types.ModuleType]:
+    """One of this service's C++ kernels (app/csrc/), built or loaded from torch's extension cache; None, with the
+    reason in the log (`what` runs on `instead`), where this CPU or machine cannot have it."""
     if not supported():
-        log.info("int8 products: fbgemm's kernels (this CPU has no AVX512-VNNI for this service's own)")
+        log.info("%s: %s (this CPU has no AVX512-VNNI for this service's own kernel)", what, instead)
         return None
     from torch.utils import cpp_extension  # imported here: it looks for CUDA and a compiler at import
 
-    log.info("int8 products: loading this service's kernel from torch's extension cache (a first build: ~20 s)")
+    log.info("%s: loading this service's kernel from torch's extension cache (a first build: ~20 s)", what)
     try:
         with _ninja_on_path():
-            module = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+            module = cpp_extension.load(name, [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                         verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: any of them means fbgemm's kernels
-        log.warning("int8 products: fbgemm's kernels (this service's own did not build: %s)",
+    except Exception as error:  # no compiler, no ninja, a failed build: any of them means the fallback
+        log.warning("%s: %s (this service's own kernel did not build: %s)", what, instead,
                     str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
         return None
-    if not _works(module):
-        log.warning("int8 products: fbgemm's kernels (this service's own gave wrong products in a trial)")
-        return None
-    log.info("int8 products: this service's AVX512-VNNI kernel")
+    log.info("%s: this service's kernel", what)
     return module
 
 

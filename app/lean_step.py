@@ -22,6 +22,7 @@ from audiocraft.modules.transformer import (
 )
 from torch.nn import functional as F
 
+from . import half_attention
 from .pair_attention import PairAttention
 
 __all__ = ["install", "paired"]
@@ -61,6 +62,7 @@ class _Attention(tp.NamedTuple):
     memory_efficient: bool
     as_float32: bool
     pair: tp.Optional[PairAttention] = None  # splits the batch across two cores over long contexts
+    half: bool = False  # the self-attention cache is fast_lm's fp16 one (`half_kv_cache`)
 
 
 class _Plan(tp.NamedTuple):
@@ -137,13 +139,14 @@ def _attention(attn: StreamingMultiheadAttention, pair: tp.Optional[PairAttentio
     """The projections as fast_lm left them: packed (`_pack_attention`) or audiocraft's fused weight; `pair` where
     the attention runs torch's kernel (audiocraft's `memory_efficient`, what the released checkpoints use)."""
     project: Kernel
+    half = getattr(attn, "static_kv_dtype", None) == half_attention.DTYPE  # fast_lm's fp16 cache: its own kernel
     if attn.in_proj_weight is None:
         project = attn.packed_query.forward if attn.cross_attention else attn.packed_in_proj.forward
     else:
         project = _Linear(attn.in_proj_weight, attn.in_proj_bias, attn.embed_dim if attn.cross_attention else None)
     return _Attention(attn, project, _kernel(attn.out_proj), attn.num_heads,
                       _get_attention_time_dimension(attn.memory_efficient), attn.memory_efficient,
-                      attn.attention_as_float32, pair if attn.memory_efficient else None)
+                      attn.attention_as_float32, pair if attn.memory_efficient and not half else None, half)
 
 
 def _layer_forward(self: StreamingTransformerLayer, src: torch.Tensor, src_mask: tp.Any = None,
@@ -206,6 +209,8 @@ def _cross_attention(attn: _Attention, x: torch.Tensor) -> torch.Tensor:
 
 def _attend(attn: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fast_lm's `_attend` for one query, the last of the keys (no mask), on CPU."""
+    if attn.half:  # fast_lm's fp16 self-attention cache, on its own kernel (the pair's split would not pay there)
+        return _output(attn, half_attention.attend(q.float(), k, v), dtype)
     if attn.as_float32:
         q, k, v = q.float(), k.float(), v.float()
     if attn.pair is not None and attn.pair.wanted(q, k):
@@ -216,6 +221,10 @@ def _attend(attn: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q = q / q.shape[-1] ** 0.5
         w = torch.einsum("b t h d, b k h d -> b h t k", q, k)
         x = torch.einsum("b h t k, b k h d -> b t h d", torch.softmax(w, dim=-1).to(v), v)
+    return _output(attn, x, dtype)
+
+
+def _output(attn: _Attention, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x = x.to(dtype)
     if attn.time_dim == 2:
         x = x.permute(0, 2, 1, 3)

@@ -25,14 +25,19 @@ STOCK = "audiocraft fp32 (stock)"
 FP32_PACKED = "fp32 + cross-KV + static KV + packed"
 BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU default where bf16 is native, no VNNI
 DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
-# The same without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean step saves.
-DEFAULT_STOCK_LAYER = DEFAULT + ", stock layer forward"
 # The default with its int8 products on fbgemm's kernels instead of app/int8_kernel.py's (MUSICGEN_INT8_KERNEL=0).
 DEFAULT_FBGEMM = DEFAULT + ", fbgemm's int8 kernels"
-# The default's self-attention over long contexts on one core (app/pair_attention.py off), paired with it.
-DEFAULT_ONE_CORE = DEFAULT + ", attention on one core"
+# The default with its self-attention cache in fp32 instead of app/half_attention.py's fp16 (MUSICGEN_HALF_KV_CACHE=0).
+DEFAULT_FP32_CACHE = DEFAULT + ", fp32 key/value cache"
+# The fp32-cache default without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean
+# step saves (compared with DEFAULT_FP32_CACHE: outside the lean step an fp16 cache is converted at every step).
+DEFAULT_STOCK_LAYER = DEFAULT_FP32_CACHE + ", stock layer forward"
+# The fp32-cache default's self-attention over long contexts on one core (app/pair_attention.py off), paired with it
+# (the pair splits attention over an fp32 cache only).
+DEFAULT_ONE_CORE = DEFAULT_FP32_CACHE + ", attention on one core"
 # Whether the service splits attention across two cores here (a generation on one thread, a second core free).
 PAIR_ATTENTION = Speedups.from_settings(Settings()).parallel_attention
+HALF_KV_CACHE = Speedups.from_settings(Settings()).half_kv_cache
 
 
 def _shared_copy(lm: LMModel) -> LMModel:
@@ -57,6 +62,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = _int8_default(stock, PAIR_ATTENTION)
     int8_fbgemm = _int8_default(stock, PAIR_ATTENTION, own_kernel=False)
+    int8_fp32_cache = _int8_default(stock, PAIR_ATTENTION, half_kv_cache=False)
     int8_stock_layer = copy.deepcopy(stock)
     precision.apply(int8_stock_layer, "int8-dynamic", "cpu")
     fast_lm.install(int8_stock_layer, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, lean_step=False)
@@ -69,14 +75,16 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
-            DEFAULT: int8, DEFAULT_FBGEMM: int8_fbgemm, DEFAULT_STOCK_LAYER: int8_stock_layer}
+            DEFAULT: int8, DEFAULT_FBGEMM: int8_fbgemm, DEFAULT_FP32_CACHE: int8_fp32_cache,
+            DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
-def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True) -> LMModel:
+def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True,
+                  half_kv_cache: bool = HALF_KV_CACHE) -> LMModel:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention,
-                    own_int8_kernel=own_kernel)
+                    own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache)
     return int8
 
 
@@ -206,15 +214,15 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
-                                                DEFAULT_FBGEMM, DEFAULT_STOCK_LAYER)}
+                                                DEFAULT_FBGEMM, DEFAULT_FP32_CACHE, DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
     at_context = {name: _at_context(lm, cond, tokens, context) for name, lm in chosen.items()}
     out: tp.Dict[str, tp.Any] = {"context": context, "variants": at_context}
     if PAIR_ATTENTION:
-        one_core = _int8_default(variants[STOCK], pair_attention=False)
-        out["pair_attention"] = pair_attention_comparison(variants[DEFAULT], one_core, cond)
+        one_core = _int8_default(variants[STOCK], pair_attention=False, half_kv_cache=False)
+        out["pair_attention"] = pair_attention_comparison(variants[DEFAULT_FP32_CACHE], one_core, cond)
     return out
 
 
@@ -313,7 +321,7 @@ def peaked_drift(steps: int, head_scale: float) -> tp.Dict[str, tp.Any]:
     """Drift from fp32 of the lower-precision CPU defaults on peaked distributions (output heads x `head_scale`):
     the same tokens, one step at a time, as in `lm_step_comparison`."""
     chosen = {name: lm for name, lm in audiocraft_variants(head_scale).items()
-              if name in (STOCK, BF16_DEFAULT, "bf16-autocast + cross-KV + static KV", DEFAULT)}
+              if name in (STOCK, BF16_DEFAULT, "bf16-autocast + cross-KV + static KV", DEFAULT, DEFAULT_FP32_CACHE)}
     cond = conditions(chosen[STOCK])
     torch.manual_seed(0)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (1, 4, steps))

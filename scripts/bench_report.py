@@ -102,8 +102,9 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
     probe = r["long_context"]
     pair = probe.get("pair_attention")
     split = [] if pair is None else [
-        f"The default's self-attention splits the CFG pair across two cores once the context passes {MIN_KEYS} "
-        f"steps (app/pair_attention.py). The default and \"{pair['one_core']}\" stepping in turn, {pair['steps']} "
+        "With the fp32 key/value cache (MUSICGEN_HALF_KV_CACHE=0: the fp16 cache's own kernel takes attention "
+        "otherwise), self-attention splits the CFG pair across two cores once the context passes "
+        f"{MIN_KEYS} steps (app/pair_attention.py). That and \"{pair['one_core']}\" stepping in turn, {pair['steps']} "
         "steps at each context; the last column is the median over steps of one core's time / the pair's:",
         "",
         _table(["context", "cores", "pair ms/step", "one core ms/step", "one core / pair"],

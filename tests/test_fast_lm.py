@@ -75,10 +75,11 @@ def test_install_reports_what_it_reached_and_stock_is_untouched():
     layers = len(mg.lm.transformer.layers)
     assert fast_lm.install(fast.lm, cross_kv_cache=True, static_kv_cache=True) == {
         "cross_kv_cache": layers, "static_kv_cache": layers, "packed_weights": 0, "lean_step": layers,
-        "pair_attention": 0}
+        "pair_attention": 0, "half_kv_cache": 0}
     assert not any(hasattr(m, "cross_kv_computed") for m in mg.lm.modules())
     assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {
-        "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0}
+        "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
+        "half_kv_cache": 0}
     # The debug model attends through audiocraft's einsum path, which the helper does not split.
     assert fast_lm.install(copy.deepcopy(mg).lm, True, True, pair_attention=True)["pair_attention"] == 0
 
@@ -211,4 +212,6 @@ def test_server_runs_the_default_speedups(idle_server):
     layers = len(musicgen().lm.transformer.layers)
     assert (f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, 'static_kv_cache': {layers}, "
             f"'packed_weights': {6 * layers + musicgen().lm.num_codebooks}, 'lean_step': {layers}, "
-            "'pair_attention': 0}") in idle_server.output()  # the debug model's einsum attention is not split
+            "'pair_attention': 0, 'half_kv_cache': 0}") in idle_server.output()
+    # The debug model attends through audiocraft's einsum path, with heads of 4 floats: neither the pair's split nor
+    # the fp16 cache takes it.

@@ -122,4 +122,4 @@ def test_without_a_compiler_it_says_so_and_fbgemm_multiplies(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "fbgemm served" in run.stdout
-    assert "int8 products: fbgemm's kernels (this service's own did not build" in run.stderr
+    assert "int8 products: fbgemm's kernels (this service's own kernel did not build" in run.stderr
