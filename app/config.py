@@ -89,9 +89,10 @@ class Settings:
     trusted_checkpoint_types: str = ""
     # MUSICGEN_PARALLEL_ATTENTION: on CPU, once the context passes 256 steps, the CFG batch's two halves attend over
     # the KV cache at once, the second on a helper thread (app/pair_attention.py): bit-identical, 0.95-1.13x per step
-    # at 600 steps and 1.17-1.24x at 1400 (paired; up to ~10 % slower while other processes hold both cores), where a
+    # at 600 steps and 1.17-1.25x at 1400 (paired; up to ~10 % slower while other processes hold both cores), where a
     # generation runs one torch thread (MUSICGEN_CPU_THREADS 1, or 0 while other processes use the cores) and this
-    # process may use two cores or more. 0: one core for everything.
+    # process may use two cores or more, over an fp32 key/value cache (MUSICGEN_HALF_KV_CACHE=0, or where the fp16
+    # cache's kernel does not build). 0: one core for everything.
     parallel_attention: bool = True
     # MUSICGEN_INT8_KERNEL: with int8-dynamic, the products on this service's AVX512-VNNI kernel (app/int8_kernel.py,
     # built with g++ at the first load and cached; 1.15x fbgemm's per step in the benchmark) where the CPU has it and

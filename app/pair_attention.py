@@ -7,11 +7,12 @@ one large read per layer that grows with the context (at 1500 steps, the 24 laye
 fp32 keys and values per step, ~45 ms on one core). Past `MIN_KEYS` keys, the second half of the batch (CFG's
 unconditional rows) attends on a long-lived helper thread while the caller does the first: the same kernel on the
 same rows, so the result is bit-identical, and the two cores together read the cache ~1.5x faster (a whole step:
-0.95-1.13x at 600 steps, 1.17-1.24x at 1400, paired). Handing over costs ~75 us, more than the second core gains
+0.95-1.13x at 600 steps, 1.17-1.25x at 1400, paired). Handing over costs ~75 us, more than the second core gains
 over short contexts. The helper runs one torch thread and sleeps on a queue between jobs, so nothing spins; and
 where another process holds the second core, a helper that has not started by the time the caller's half is done
 leaves its job to the caller (`_Job`), so a step never waits for the scheduler to give the helper a turn (README,
-"Attention on a second core").
+"Attention on a second core"). It splits attention over an fp32 cache only: the fp16 cache (app/half_attention.py,
+on by default where its kernel builds) has a kernel of its own that reads half the bytes.
 """
 
 import functools
