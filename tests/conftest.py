@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from app import int8_kernel
+from app import half_attention, int8_kernel
 from tests.helpers import ROOT, Server
 
 
@@ -19,10 +19,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _int8_kernel_built():
-    """Build app/int8_kernel.py's kernel (where this CPU and machine can) before any test starts a server: a first
-    build takes ~20 s, which a server's start-up would otherwise pay; they all load it from torch's cache."""
+def _kernels_built():
+    """Build the service's C++ kernels (app/int8_kernel.py, app/half_attention.py; where this CPU and machine can)
+    before any test starts a server: a first build takes ~20 s each, which a server's start-up would otherwise pay;
+    they all load them from torch's cache."""
     int8_kernel.load()
+    half_attention.load()
 
 
 def _started(env=None):
