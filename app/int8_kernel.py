@@ -8,7 +8,8 @@ sums). `fast_lm.Int8Linear` uses it where `load()` gives it, and fbgemm's kernel
 The kernel is compiled once by torch's C++ extension builder (g++ and ninja; ninja comes with the lock) into
 torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else `$XDG_CACHE_HOME/torch_extensions`: the systemd unit's
 /var/cache/musicgen), ~20 s the first time, and loaded from there afterwards. Where the CPU lacks AVX512-VNNI,
-or the build fails (no compiler), `load()` says why in the log and returns None.
+or the build fails (no compiler), `load()` says why in the log and returns None. `build` does the same for the
+service's other C++ kernel (app/half_attention.py's).
 """
 
 import contextlib
