@@ -258,8 +258,8 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
             if length:
                 buffer.narrow(time_dim, 0, length).copy_(state[name].narrow(time_dim, 0, length))
             state[name] = buffer
-    state["static_k"].narrow(time_dim, length, new).copy_(k)
-    state["static_v"].narrow(time_dim, length, new).copy_(v)
+    half_attention.store(state["static_k"].narrow(time_dim, length, new), k)
+    half_attention.store(state["static_v"].narrow(time_dim, length, new), v)
     state["static_length"] = torch.tensor(length + new)
     k, v = (state[name].narrow(time_dim, 0, length + new) for name in ("static_k", "static_v"))
     return _attend(self, q, k, v, new > 1, query.dtype), None

@@ -195,8 +195,8 @@ def _self_attention(attn: _Attention, x: torch.Tensor) -> torch.Tensor:
     state, time_dim = attn.module._streaming_state, attn.time_dim
     length = int(state["static_length"])
     keys, values = state["static_k"], state["static_v"]
-    keys.narrow(time_dim, length, 1).copy_(k)
-    values.narrow(time_dim, length, 1).copy_(v)
+    half_attention.store(keys.narrow(time_dim, length, 1), k)
+    half_attention.store(values.narrow(time_dim, length, 1), v)
     state["static_length"] = torch.tensor(length + 1)
     return _attend(attn, q, keys.narrow(time_dim, 0, length + 1), values.narrow(time_dim, 0, length + 1), x.dtype)
 

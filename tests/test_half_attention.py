@@ -50,6 +50,18 @@ def test_it_refuses_what_it_cannot_take(kernel):
         half_attention.attend(q, k.float(), k.float())
 
 
+def test_keys_and_values_beyond_fp16s_range_saturate_instead_of_poisoning_the_head(kernel):
+    x = torch.tensor([[1e6, -1e6, 3.0, 0.5]])
+    half, full = torch.zeros(2, 4, dtype=torch.float16), torch.zeros(2, 4)
+    half_attention.store(half[:1], x)
+    half_attention.store(full[1:], x)
+    assert half[0].tolist() == [65504.0, -65504.0, 3.0, 0.5] and torch.equal(full[1], x[0])  # fp32: as it is
+    q, kv = torch.ones(1, 1, 1, 16), torch.full((1, 1, 3, 16), 1e6).half()
+    assert not torch.isfinite(kv).all()  # what a plain cast would store
+    half_attention.store(kv, torch.full((1, 1, 3, 16), 1e6))
+    assert torch.isfinite(half_attention.attend(q, kv, kv)).all()
+
+
 def _cache_dtypes(mg) -> set:
     return {m._streaming_state["static_k"].dtype for m in mg.lm.modules()
             if "static_k" in getattr(m, "_streaming_state", {})}
