@@ -5,7 +5,7 @@ int8 weights (at 1400 steps, ~550 MB a step at musicgen-small size). Kept in fp1
 kernel reads it, converting each row to fp32 as it goes and computing in fp32; torch's own CPU kernels read a
 half-precision cache slower than an fp32 one. fp16 keeps 11 significant bits of each key and value (bf16 keeps 8)
 and holds values up to 65504. `fast_lm.install(half_kv_cache=True)` (MUSICGEN_HALF_KV_CACHE) uses it where
-`load()` gives the kernel; it is built like app/int8_kernel.py's, and None where that one would be.
+`load()` gives the kernel (app/kernel_build.py builds it; None where it cannot).
 """
 
 import functools
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import int8_kernel
+from .kernel_build import build
 
 SOURCE = Path(__file__).with_name("csrc") / "half_attention.cpp"
 NAME = "musicgen_half_attention"
@@ -28,7 +28,7 @@ LIMIT = torch.finfo(DTYPE).max
 @functools.cache
 def load() -> tp.Optional[types.ModuleType]:
     """The built kernel (function `attend`), or None where this CPU or machine cannot have it."""
-    return int8_kernel.build(NAME, SOURCE, "fp16 key/value cache", "an fp32 cache")
+    return build(NAME, SOURCE, "fp16 key/value cache", "an fp32 cache")
 
 
 def fits(head_dim: int) -> bool:

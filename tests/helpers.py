@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,19 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+def skip_without_kernels(fallback: str) -> None:
+    """Skip, saying what runs instead (`fallback`), where this service's C++ kernels cannot be built: a CPU without
+    AVX512-VNNI, or no C++ compiler. Anywhere else a test that needs them must find them built."""
+    import pytest
+
+    from app import kernel_build
+
+    if not kernel_build.supported():
+        pytest.skip(f"this CPU has no AVX512-VNNI: {fallback}")
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip(f"no C++ compiler: {fallback}")
 
 
 def free_port() -> int:

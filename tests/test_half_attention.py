@@ -2,26 +2,22 @@
 real, torch's attention over the same fp16 values, and whole generations close to the fp32 cache's."""
 
 import copy
-import os
-import shutil
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from app import debug_models, fast_lm, half_attention, int8_kernel
+from app import debug_models, fast_lm, half_attention
 from app import precision as precision_module
 from app.config import Settings
 from app.model import Speedups
+from tests.helpers import skip_without_kernels
 from tests.test_fast_lm import SMALL, greedy_tokens, musicgen, next_token_distributions, with_speedups
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not int8_kernel.supported():
-        pytest.skip("this CPU has no AVX512-VNNI: the cache stays fp32")
-    if not shutil.which(os.environ.get("CXX", "c++")):
-        pytest.skip("no C++ compiler: the cache stays fp32")
+    skip_without_kernels("the cache stays fp32")
     module = half_attention.load()
     assert module is not None, "the kernel did not build or load on a CPU and machine that can have it (see the log)"
     return module
@@ -93,7 +89,14 @@ def test_whole_generations_with_a_prompt_and_windows(kernel):
     full = with_speedups(stock, cross_kv_cache=True, static_kv_cache=True)
     half = with_speedups(stock, cross_kv_cache=True, static_kv_cache=True, half_kv_cache=True)
     expected = greedy_tokens(full, 2.0, max_duration=1.0)
-    got = greedy_tokens(half, 2.0, max_duration=1.0)
+    seen = []
+    layer = half.lm.transformer.layers[0]
+    handle = layer.register_forward_hook(lambda module, args, out: seen.append(_cache_dtypes(half)))
+    try:
+        got = greedy_tokens(half, 2.0, max_duration=1.0)
+    finally:
+        handle.remove()
+    assert seen and {torch.float16} == set().union(*seen)  # every window, prompts included, on the fp16 cache
     assert got.shape == expected.shape
     assert float((got == expected).float().mean()) > 0.9
 

@@ -2,7 +2,6 @@
 same products as fbgemm's dynamic quantization, and fbgemm's kernels wherever it cannot be had."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,19 +11,14 @@ import torch
 from app import fast_lm, int8_kernel
 from app.config import Settings
 from app.model import Speedups
-from tests.helpers import ROOT
+from tests.helpers import ROOT, skip_without_kernels
 
-
-def _needs_the_kernel() -> None:
-    if not int8_kernel.supported():
-        pytest.skip("this CPU has no AVX512-VNNI: int8-dynamic runs on fbgemm's kernels")
-    if not shutil.which(os.environ.get("CXX", "c++")):
-        pytest.skip("no C++ compiler: int8-dynamic runs on fbgemm's kernels")
+FALLBACK = "int8-dynamic runs on fbgemm's kernels"
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    _needs_the_kernel()
+    skip_without_kernels(FALLBACK)
     module = int8_kernel.load()
     assert module is not None, "the kernel did not build or load on a CPU and machine that can have it (see the log)"
     return module
@@ -108,7 +102,7 @@ def test_the_setting_chooses_the_kernel():
 
 def test_without_a_compiler_it_says_so_and_fbgemm_multiplies(tmp_path):
     """A machine without g++ (here: a compiler that fails, and an empty extension cache) still serves int8."""
-    _needs_the_kernel()
+    skip_without_kernels(FALLBACK)
     script = ("import logging, torch\n"
               "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
               "from app import fast_lm, int8_kernel\n"
