@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Text-to-music HTTP API on MusicGen (audiocraft), streaming progress over Server-Sent Events",
     packages=find_packages(include=["app", "app.*"]),
-    package_data={"app": ["static/*", "csrc/*.cpp"]},  # csrc: the int8 kernel, built at run time (app/int8_kernel.py)
+    # csrc: the CPU kernels' sources, built at run time (app/kernel_build.py)
+    package_data={"app": ["static/*", "csrc/*.cpp", "csrc/*.h"]},
     # The command-line client stays a standalone file (standard library only, copy it anywhere);
     # installed, it is the top-level module `generate_music` behind the `musicgen-generate` command.
     package_dir={"app": "app", "": "scripts"},

@@ -100,6 +100,11 @@ class Int8Linear(torch.nn.Module):
         with torch._C.DisableTorchFunctionSubclass():
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
 
+    @property
+    def product_args(self) -> tp.Optional[tp.Tuple[tp.Optional[torch.Tensor], ...]]:
+        """What this service's kernel multiplies by (packed weight, scales, sums, bias), or None on fbgemm's."""
+        return None if self.kernel is None else (self.packed, self.scales, self.sums, self.bias)
+
     def extra_repr(self) -> str:
         kernel = "fbgemm" if self.kernel is None else "own"
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8, kernel={kernel}"
@@ -319,17 +324,19 @@ def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear, int8: bool
 def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False,
             packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
             pair_attention: bool = False, own_int8_kernel: bool = True,
-            half_kv_cache: bool = False) -> tp.Dict[str, int]:
+            half_kv_cache: bool = False, whole_layer: bool = True) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
     that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`; on this service's own
     kernel where `own_int8_kernel` and it loads, app/int8_kernel.py, else on fbgemm's); with both caches,
     give the layers app/lean_step.py's single-token step unless `lean_step` is False (same logits), its
     self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py), the static
-    cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits. Returns how
+    cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits, and, with
+    `whole_layer`, the lean step of layers on both of this service's kernels (int8 products, fp16 cache) in one
+    C++ call (`lean_step`'s whole-layer step, within float rounding of its Python one). Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
     counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
-              "half_kv_cache": 0}
+              "half_kv_cache": 0, "whole_layer": 0}
     int8_weights = int8_weights and can_quantize()
     packed_weights = packed_weights or int8_weights  # int8 weights are packed for their kernels by nature
     pack: Packer = functools.partial(Int8Linear, own_kernel=own_int8_kernel) if int8_weights else PackedLinear
@@ -359,8 +366,8 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
         lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
     if lean_step and counts["static_kv_cache"]:  # layers with cross-attention need its cache too (`lean._eligible`)
         # After packing: the plan binds the products as they end up.
-        counts["lean_step"] = lean.install(lm, pair_attention_helper() if pair_attention else None)
-        counts["pair_attention"] = lean.paired(lm)
+        counts["lean_step"] = lean.install(lm, pair_attention_helper() if pair_attention else None, whole_layer)
+        counts["pair_attention"], counts["whole_layer"] = lean.paired(lm), lean.whole(lm)
     if counts["packed_weights"]:
         return_freed_memory()
     return counts

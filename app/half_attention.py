@@ -1,4 +1,4 @@
-"""A self-attention key/value cache in fp16 on CPU, and the kernel that attends over it (app/csrc/half_attention.cpp).
+"""A self-attention key/value cache in fp16 on CPU, and the kernel that attends over it (app/csrc/attention.cpp).
 
 Past a few hundred steps of context, a decoding step's attention over the fp32 cache reads as many bytes as the
 int8 weights (at 1400 steps, ~550 MB a step at musicgen-small size). Kept in fp16 the cache is half that, and this
@@ -11,14 +11,11 @@ and holds values up to 65504. `fast_lm.install(half_kv_cache=True)` (MUSICGEN_HA
 import functools
 import types
 import typing as tp
-from pathlib import Path
 
 import torch
 
 from .kernel_build import build
 
-SOURCE = Path(__file__).with_name("csrc") / "half_attention.cpp"
-NAME = "musicgen_half_attention"
 DTYPE = torch.float16
 # fp16's largest finite value: a key or value beyond it is stored saturated, not as an infinity (which would turn its
 # head's attention into NaN for the rest of the generation).
@@ -28,7 +25,7 @@ LIMIT = torch.finfo(DTYPE).max
 @functools.cache
 def load() -> tp.Optional[types.ModuleType]:
     """The built kernel (function `attend`), or None where this CPU or machine cannot have it."""
-    return build(NAME, SOURCE, "fp16 key/value cache", "an fp32 cache")
+    return build("fp16 key/value cache", "an fp32 cache")
 
 
 def fits(head_dim: int) -> bool:

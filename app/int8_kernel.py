@@ -13,7 +13,6 @@ import functools
 import logging
 import types
 import typing as tp
-from pathlib import Path
 
 import torch
 
@@ -21,8 +20,6 @@ from .kernel_build import build
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_linear.cpp"
-NAME = "musicgen_int8_linear"
 # The kernel's 32-bit sums hold 255 x 127 x this many inputs without overflow.
 MAX_INPUTS = 32768
 
@@ -30,7 +27,7 @@ MAX_INPUTS = 32768
 @functools.cache
 def load() -> tp.Optional[types.ModuleType]:
     """The built kernel (functions `pack` and `linear`), or None where this CPU or machine cannot have it."""
-    module = build(NAME, SOURCE, "int8 products", "fbgemm's kernels")
+    module = build("int8 products", "fbgemm's kernels")
     if module is not None and not _works(module):
         log.warning("int8 products: fbgemm's kernels (this service's own gave wrong products in a trial)")
         return None

@@ -9,6 +9,12 @@ and strides, from a plan of its kernels and weights looked up once: the logits a
 conditioning, masks, training) goes through the layer's stock forward, which `fast_lm` already covers.
 The lean step calls the layer's submodules' `forward` directly: hooks registered on them do not run.
 The plan is taken at install, like packing: an LM converted or moved afterwards must be installed again.
+
+Where a layer runs on both of this service's C++ kernels (int8 products on its own kernel, fast_lm's fp16 cache)
+the whole step is one call, `whole_layer` (app/csrc/lean_layer.cpp): layer norms, cache writes, attention
+(cross-attention too), residuals and the activation on raw rows, without a Python operator between the products.
+Its logits agree with the Python step's within float rounding, not bit for bit (its own layer norm, its own
+cross-attention kernel).
 """
 
 import types
@@ -23,9 +29,10 @@ from audiocraft.modules.transformer import (
 from torch.nn import functional as F
 
 from . import half_attention
+from .kernel_build import build
 from .pair_attention import PairAttention
 
-__all__ = ["install", "paired"]
+__all__ = ["install", "paired", "whole"]
 
 Kernel = tp.Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,15 +84,18 @@ class _Plan(tp.NamedTuple):
     activation: Kernel
     linear2: Kernel
     scale2: tp.Optional[Kernel]
+    whole: tp.Any = None  # the extension's `Layer`: the whole step in one call (`_whole_layer`)
 
 
-def install(lm: torch.nn.Module, pair: tp.Optional[PairAttention] = None) -> int:
+def install(lm: torch.nn.Module, pair: tp.Optional[PairAttention] = None, whole_layer: bool = True) -> int:
     """Give every eligible transformer layer of `lm` the lean step, its self-attention split across two cores
-    over long contexts with `pair` (app/pair_attention.py); returns how many."""
+    over long contexts with `pair` (app/pair_attention.py), in one C++ call with `whole_layer` where the layer
+    runs on this service's kernels; returns how many."""
     count = 0
     for layer in lm.transformer.layers:
         if _eligible(layer):
-            layer.lean_plan = _plan(layer, pair)
+            plan = _plan(layer, pair)
+            layer.lean_plan = plan._replace(whole=_whole_layer(layer, plan)) if whole_layer else plan
             layer.forward = types.MethodType(_layer_forward, layer)
             count += 1
     return count
@@ -93,8 +103,17 @@ def install(lm: torch.nn.Module, pair: tp.Optional[PairAttention] = None) -> int
 
 def paired(lm: torch.nn.Module) -> int:
     """How many layers split their self-attention across two cores."""
+    return sum(plan.self_attention.pair is not None for plan in _plans(lm))
+
+
+def whole(lm: torch.nn.Module) -> int:
+    """How many layers run their step in one C++ call."""
+    return sum(plan.whole is not None for plan in _plans(lm))
+
+
+def _plans(lm: torch.nn.Module) -> tp.Iterator[_Plan]:
     plans = (getattr(layer, "lean_plan", None) for layer in lm.transformer.layers)
-    return sum(plan is not None and plan.self_attention.pair is not None for plan in plans)
+    return (plan for plan in plans if plan is not None)
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
@@ -118,6 +137,38 @@ def _plan(layer: StreamingTransformerLayer, pair: tp.Optional[PairAttention]) ->
         scale_cross=None if cross is None else _scale(layer.layer_scale_cross),
         norm2=_norm(layer.norm2), linear1=_kernel(layer.linear1), activation=layer.activation,
         linear2=_kernel(layer.linear2), scale2=_scale(layer.layer_scale_2))
+
+
+def _whole_layer(layer: StreamingTransformerLayer, plan: _Plan) -> tp.Any:
+    """The extension's `Layer` for a layer whose products all run on this service's int8 kernel, whose
+    self-attention cache is fp16 and whose attention runs torch's layout, in fp32, without layer scales; else None."""
+    if not plan.self_attention.half or any(scale is not None for scale in (plan.scale1, plan.scale_cross, plan.scale2)):
+        return None
+    if layer.activation not in (F.relu, F.gelu) or any(norm.weight is not None and norm.weight.dtype != torch.float32
+                                                         for norm in (plan.norm1, plan.norm_cross, plan.norm2) if norm):
+        return None
+    attentions = [(layer.self_attn, getattr(layer.self_attn, "packed_in_proj", None))]
+    if plan.cross_attention is not None:
+        if not plan.cross_attention.memory_efficient:  # the einsum path's layout: not the extension's
+            return None
+        attentions.append((layer.cross_attention, getattr(layer.cross_attention, "packed_query", None)))
+    products = [_product_args(module) for attn, project in attentions for module in (project, attn.out_proj)]
+    products += [_product_args(layer.linear1), _product_args(layer.linear2)]
+    kernels = build("whole-layer decoding steps", "the lean step in Python")
+    if kernels is None or any(args is None for args in products):
+        return None
+    norms = [(norm.weight, norm.bias, norm.eps) for norm in (plan.norm1, plan.norm_cross, plan.norm2) if norm]
+    cross_parts = (norms[1], products[2], products[3]) if plan.cross_attention is not None else (None, None, None)
+    try:
+        return kernels.Layer(plan.self_attention.heads, layer.activation.__name__, norms[0], products[0], products[1],
+                             *cross_parts, norms[-1], products[-2], products[-1])
+    except RuntimeError:  # sizes it does not take (heads of 16 floats or more, rows of 16): the Python step
+        return None
+
+
+def _product_args(module: torch.nn.Module) -> tp.Optional[tp.Tuple[tp.Optional[torch.Tensor], ...]]:
+    """A product's arguments to this service's int8 kernel (fast_lm.Int8Linear on it), else None."""
+    return getattr(module, "product_args", None)
 
 
 def _norm(norm: torch.nn.LayerNorm) -> _Norm:
@@ -152,31 +203,48 @@ def _attention(attn: StreamingMultiheadAttention, pair: tp.Optional[PairAttentio
 def _layer_forward(self: StreamingTransformerLayer, src: torch.Tensor, src_mask: tp.Any = None,
                    src_key_padding_mask: tp.Any = None, cross_attention_src: tp.Any = None) -> torch.Tensor:
     plan: _Plan = self.lean_plan
-    if not _steady(self, plan, src, src_mask, src_key_padding_mask, cross_attention_src):
+    length = _steady(self, plan, src, src_mask, src_key_padding_mask, cross_attention_src)
+    if length is None:
         return StreamingTransformerLayer.forward(self, src, src_mask, src_key_padding_mask, cross_attention_src)
+    if plan.whole is not None and src.dtype == torch.float32:
+        return _whole_step(plan, src, length)
     x = src
-    x = x + _scaled(plan.scale1, _self_attention(plan.self_attention, plan.norm1(x)))
+    x = x + _scaled(plan.scale1, _self_attention(plan.self_attention, plan.norm1(x), length))
     if plan.cross_attention is not None:
         x = x + _scaled(plan.scale_cross, _cross_attention(plan.cross_attention, plan.norm_cross(x)))
     h = plan.activation(plan.linear1(plan.norm2(x)))
     return x + _scaled(plan.scale2, plan.linear2(h))
 
 
+def _whole_step(plan: _Plan, x: torch.Tensor, length: int) -> torch.Tensor:
+    """The layer's step in one call of the extension (`_whole_layer`), `length` keys cached before it."""
+    state = plan.self_attention.module._streaming_state
+    cross_k = cross_v = None
+    if plan.cross_attention is not None:
+        cross = plan.cross_attention.module._streaming_state
+        cross_k, cross_v = cross["cross_k"], cross["cross_v"]
+    x = plan.whole.step(x, state["static_k"], state["static_v"], length, cross_k, cross_v)
+    state["static_length"] = torch.tensor(length + 1)
+    return x
+
+
 def _steady(layer: StreamingTransformerLayer, plan: _Plan, src: torch.Tensor, src_mask: tp.Any,
-            src_key_padding_mask: tp.Any, cross_attention_src: tp.Any) -> bool:
-    """One new token, no masks, in inference, with room in the self-attention cache and this conditioning's
-    cross-attention keys/values already cached."""
+            src_key_padding_mask: tp.Any, cross_attention_src: tp.Any) -> tp.Optional[int]:
+    """How many keys the self-attention cache holds, where the lean step applies (one new token, no masks, in
+    inference, with room in that cache and this conditioning's cross-attention keys/values already cached); else
+    None."""
     attn = plan.self_attention
     state = attn.module._streaming_state
     if (src.shape[1] != 1 or src_mask is not None or src_key_padding_mask is not None or layer.training
             or not attn.module._is_streaming or "static_k" not in state):
-        return False
-    if state["static_k"].shape[attn.time_dim] <= int(state["static_length"]):
-        return False
+        return None
+    length = int(state["static_length"])
+    if state["static_k"].shape[attn.time_dim] <= length:
+        return None
     cross = plan.cross_attention
     if cross is None:
-        return cross_attention_src is None
-    return cross.module._streaming_state.get("cross_src") is cross_attention_src
+        return length if cross_attention_src is None else None
+    return length if cross.module._streaming_state.get("cross_src") is cross_attention_src else None
 
 
 def _scaled(scale: tp.Optional[Kernel], x: torch.Tensor) -> torch.Tensor:
@@ -189,11 +257,10 @@ def _heads(x: torch.Tensor, attn: _Attention, parts: int) -> torch.Tensor:
     return x.permute(0, 3, 2, 1, 4) if attn.time_dim == 2 else x
 
 
-def _self_attention(attn: _Attention, x: torch.Tensor) -> torch.Tensor:
-    """fast_lm's `_static_forward` for one new token in a cache with room for it."""
+def _self_attention(attn: _Attention, x: torch.Tensor, length: int) -> torch.Tensor:
+    """fast_lm's `_static_forward` for one new token in a cache with room for it, after `length` keys."""
     q, k, v = torch.unbind(_heads(attn.project(x), attn, 3), dim=2)
     state, time_dim = attn.module._streaming_state, attn.time_dim
-    length = int(state["static_length"])
     keys, values = state["static_k"], state["static_v"]
     half_attention.store(keys.narrow(time_dim, length, 1), k)
     half_attention.store(values.narrow(time_dim, length, 1), v)

@@ -25,6 +25,9 @@ STOCK = "audiocraft fp32 (stock)"
 FP32_PACKED = "fp32 + cross-KV + static KV + packed"
 BF16_DEFAULT = "bf16 + cross-KV + static KV + packed"  # the service's CPU default where bf16 is native, no VNNI
 DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default where the CPU has VNNI (always packed)
+# The default with its lean step in Python instead of one C++ call per layer (app/lean_step.py's whole-layer step):
+# the other variants below run that Python step too (the whole-layer step needs both of the service's kernels).
+DEFAULT_PYTHON_LAYER = DEFAULT + ", lean step in Python"
 # The default with its int8 products on fbgemm's kernels instead of app/int8_kernel.py's (MUSICGEN_INT8_KERNEL=0).
 DEFAULT_FBGEMM = DEFAULT + ", fbgemm's int8 kernels"
 # The default with its self-attention cache in fp32 instead of app/half_attention.py's fp16 (MUSICGEN_HALF_KV_CACHE=0).
@@ -61,6 +64,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     bf16_fast = _shared_copy(bf16)  # shares the bf16 weights; hooks and class come along with the copy
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = _int8_default(stock, PAIR_ATTENTION)
+    int8_python_layer = _int8_default(stock, PAIR_ATTENTION, whole_layer=False)
     int8_fbgemm = _int8_default(stock, PAIR_ATTENTION, own_kernel=False)
     int8_fp32_cache = _int8_default(stock, PAIR_ATTENTION, half_kv_cache=False)
     int8_stock_layer = copy.deepcopy(stock)
@@ -75,16 +79,16 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
-            DEFAULT: int8, DEFAULT_FBGEMM: int8_fbgemm, DEFAULT_FP32_CACHE: int8_fp32_cache,
-            DEFAULT_STOCK_LAYER: int8_stock_layer}
+            DEFAULT: int8, DEFAULT_PYTHON_LAYER: int8_python_layer, DEFAULT_FBGEMM: int8_fbgemm,
+            DEFAULT_FP32_CACHE: int8_fp32_cache, DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
 def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True,
-                  half_kv_cache: bool = HALF_KV_CACHE) -> LMModel:
+                  half_kv_cache: bool = HALF_KV_CACHE, whole_layer: bool = True) -> LMModel:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention,
-                    own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache)
+                    own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache, whole_layer=whole_layer)
     return int8
 
 
@@ -197,10 +201,12 @@ def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
     for name, ts in times.items():
         ts = ts[skip:]
         ratios = [s / t for s, t in zip(times[STOCK][skip:], ts, strict=True)]
+        over_default = [t / d for t, d in zip(ts, times[DEFAULT][skip:], strict=True)]
         out[name] = {"ms_per_step": round(1000 * statistics.median(ts), 1),
                      "ms_p90": round(1000 * sorted(ts)[int(0.9 * (len(ts) - 1))], 1),
                      "steps_per_s": round(1 / statistics.median(ts), 2),
-                     "speedup_vs_stock": round(statistics.median(ratios), 2)}
+                     "speedup_vs_stock": round(statistics.median(ratios), 2),
+                     "time_over_default": round(statistics.median(over_default), 3)}
         if name in kl:
             out[name]["mean_kl"] = float(f"{statistics.fmean(kl[name]):.2e}")
             out[name]["top1_agreement"] = round(statistics.fmean(top1[name]), 4)
@@ -214,7 +220,8 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
-                                                DEFAULT_FBGEMM, DEFAULT_FP32_CACHE, DEFAULT_STOCK_LAYER)}
+                                                DEFAULT_PYTHON_LAYER, DEFAULT_FBGEMM, DEFAULT_FP32_CACHE,
+                                                DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
@@ -321,7 +328,8 @@ def peaked_drift(steps: int, head_scale: float) -> tp.Dict[str, tp.Any]:
     """Drift from fp32 of the lower-precision CPU defaults on peaked distributions (output heads x `head_scale`):
     the same tokens, one step at a time, as in `lm_step_comparison`."""
     chosen = {name: lm for name, lm in audiocraft_variants(head_scale).items()
-              if name in (STOCK, BF16_DEFAULT, "bf16-autocast + cross-KV + static KV", DEFAULT, DEFAULT_FP32_CACHE)}
+              if name in (STOCK, BF16_DEFAULT, "bf16-autocast + cross-KV + static KV", DEFAULT, DEFAULT_PYTHON_LAYER,
+                          DEFAULT_FP32_CACHE)}
     cond = conditions(chosen[STOCK])
     torch.manual_seed(0)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (1, 4, steps))

@@ -76,15 +76,17 @@ def _lm_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
         f"## LM decoding step, musicgen-small size (random weights, CFG batch 2), {steps['steps']} steps "
         "round-robin",
         "",
-        "Speed-up: median over steps of stock's time / the variant's time at the same step. Drift: next-token "
+        "Speed-up: median over steps of stock's time / the variant's time at the same step; \"/ default\": the "
+        f"median over steps of the variant's time / the default's ({DEFAULT}). Drift: next-token "
         "distributions (after CFG) vs stock fp32 for the same inputs at every step: mean KL(fp32 || variant) "
         "and top-1 agreement. Random weights give flat distributions (stock's mean top-1 probability: "
         f"{steps['stock_mean_top1_probability']}), where the top-1 token flips on tiny changes; trained weights are "
         "more peaked. transformers' decoder has its own random weights (speed only).",
         "",
-        _table(["variant", "ms/step (median)", "p90", "steps/s", "x stock", "mean KL", "top-1 agreement"],
+        _table(["variant", "ms/step (median)", "p90", "steps/s", "x stock", "/ default", "mean KL", "top-1 agreement"],
                [[name, v["ms_per_step"], v["ms_p90"], v["steps_per_s"], v["speedup_vs_stock"],
-                 v.get("mean_kl", "-"), v.get("top1_agreement", "-")] for name, v in steps["variants"].items()]),
+                 v.get("time_over_default", "-"), v.get("mean_kl", "-"), v.get("top1_agreement", "-")]
+                for name, v in steps["variants"].items()]),
         "",
         f"Memory-bandwidth floor: {floor['ms_per_step']} ms/step in bf16 ({floor['bf16_weight_mb']} MB of bf16 "
         f"weights read per step at {floor['read_gb_s']} GB/s, the rate of a plain sum over 512 MB in this run), "

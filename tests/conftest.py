@@ -20,9 +20,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _kernels_built():
-    """Build the service's C++ kernels (app/int8_kernel.py, app/half_attention.py; where this CPU and machine can)
-    before any test starts a server: a first build takes ~20 s each, which a server's start-up would otherwise pay;
-    they all load them from torch's cache. On a GPU box (scripts/gpu_check) the servers decode on CUDA and never
+    """Build the service's C++ kernels (one extension: app/kernel_build.py; where this CPU and machine can) before
+    any test starts a server: a first build takes ~40 s, which a server's start-up would otherwise pay; they all
+    load it from torch's cache. On a GPU box (scripts/gpu_check) the servers decode on CUDA and never
     load them: nothing is built there unless a CPU test asks for it."""
     if not torch.cuda.is_available():
         int8_kernel.load()

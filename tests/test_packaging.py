@@ -21,11 +21,14 @@ def wheel(tmp_path_factory):
     return built
 
 
-def test_wheel_ships_static_files_the_kernel_source_and_the_cli(wheel):
+def test_wheel_ships_static_files_the_kernel_sources_and_the_cli(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         assert {f"app/static/{name}" for name in ("index.html", "app.js", "style.css")} <= names
-        assert z.read("app/csrc/int8_linear.cpp") == (ROOT / "app" / "csrc" / "int8_linear.cpp").read_bytes()
+        sources = sorted((ROOT / "app" / "csrc").iterdir())
+        assert {path.suffix for path in sources} == {".cpp", ".h"}  # what package_data names
+        for path in sources:
+            assert z.read(f"app/csrc/{path.name}") == path.read_bytes()
         assert z.read("generate_music.py") == (ROOT / "scripts" / "generate_music.py").read_bytes()
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert "musicgen-generate = generate_music:main" in z.read(entry_points).decode()

@@ -11,11 +11,14 @@
 // activations uint8 with one scale and zero point per call, from the input's range (0 included), exact 32-bit
 // sums, then y = scale_x * scale_w[n] * (sum - zero_x * sum_k w[n][k]) + bias[n].
 //
-// Built at run time by app/int8_kernel.py, with AVX512 enabled for this file only; nothing here runs on a CPU
-// without AVX512F/BW/VL/DQ and VNNI (the loader checks first).
+// Built at run time by app/kernel_build.py with the other kernels (kernels.h), AVX512 enabled for them only;
+// nothing here runs on a CPU without AVX512F/BW/VL/DQ and VNNI (the loader checks first).
 
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -24,6 +27,7 @@
 #include <cstring>
 #include <vector>
 
+namespace musicgen {
 namespace {
 
 constexpr int64_t kLanes = 16;          // 32-bit sums in one 512-bit register: output columns per block
@@ -32,17 +36,6 @@ constexpr int64_t kColumns = kLanes * kBlocks;
 constexpr int64_t kDepth = 4;           // inputs per 32-bit lane of a dot product
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// weight: int8 [N, K] -> [ceil(N/32)][ceil(K/4)][32][4], zeros where N or K were padded.
-torch::Tensor pack(const torch::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar, "pack: an int8 matrix");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  const int64_t rows = round_up(n, kColumns), inputs = round_up(k, kDepth);
-  return torch::constant_pad_nd(weight, {0, inputs - k, 0, rows - n})
-      .view({rows / kColumns, kColumns, inputs / kDepth, kDepth})
-      .permute({0, 2, 1, 3})
-      .contiguous();
-}
 
 struct Quantized {
   float scale;
@@ -94,6 +87,7 @@ struct Product {
   const float* scale;       // [n]: scale_x * scale_w
   const int32_t* offset;    // [n]: zero_x * sum_k w
   const float* bias;        // [n] or null
+  const float* residual;    // rows x n, added, or null
   float* y;                 // rows x n
   int64_t n, k_padded;
 };
@@ -125,27 +119,36 @@ void group(const Product& p, int64_t g, int64_t row) {
     const __m512i offset = _mm512_maskz_loadu_epi32(mask, p.offset + column);
     const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + column) : _mm512_setzero_ps();
     for (int r = 0; r < Rows; ++r) {
+      const int64_t at = (row + r) * p.n + column;
       const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[r][b], offset));
-      _mm512_mask_storeu_ps(p.y + (row + r) * p.n + column, mask, _mm512_fmadd_ps(v, scale, bias));
+      __m512 y = _mm512_fmadd_ps(v, scale, bias);
+      if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p.residual + at));
+      _mm512_mask_storeu_ps(p.y + at, mask, y);
     }
   }
 }
 
-// x: float [..., K]; packed from `pack`; weight_scale: float [N]; weight_sums: int32 [N] (sum_k w[n][k]).
-torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& weight_scale,
-                     const torch::Tensor& weight_sums, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(input.scalar_type() == torch::kFloat, "linear: float input");
-  const auto x = input.contiguous();
-  const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0, n = weight_scale.size(0);
-  const int64_t k_padded = packed.size(1) * kDepth;
-  TORCH_CHECK(round_up(k, kDepth) == k_padded && packed.size(0) * kColumns >= n, "linear: input and weight differ");
-  auto sizes = x.sizes().vec();
-  sizes.back() = n;
-  auto y = torch::empty(sizes, x.options());
-  if (rows == 0) return y;
+}  // namespace
 
+// weight: int8 [N, K] -> [ceil(N/32)][ceil(K/4)][32][4], zeros where N or K were padded.
+at::Tensor pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack: an int8 matrix");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t rows = round_up(n, kColumns), inputs = round_up(k, kDepth);
+  return at::constant_pad_nd(weight, {0, inputs - k, 0, rows - n})
+      .view({rows / kColumns, kColumns, inputs / kDepth, kDepth})
+      .permute({0, 2, 1, 3})
+      .contiguous();
+}
+
+void linear_rows(const float* x, int64_t rows, int64_t k, const at::Tensor& packed,
+                 const at::Tensor& weight_scale, const at::Tensor& weight_sums, const float* bias,
+                 const float* residual, float* y) {
+  const int64_t n = weight_scale.size(0), k_padded = packed.size(1) * kDepth;
+  TORCH_CHECK(round_up(k, kDepth) == k_padded && packed.size(0) * kColumns >= n, "linear: input and weight differ");
+  if (rows == 0) return;
   std::vector<uint8_t> xq(rows * k_padded);
-  const Quantized q = quantize(x.data_ptr<float>(), rows, k, k_padded, xq.data());
+  const Quantized q = quantize(x, rows, k, k_padded, xq.data());
   std::vector<float> scale(n);
   std::vector<int32_t> offset(n);
   const float* ws = weight_scale.data_ptr<float>();
@@ -154,8 +157,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, co
     scale[i] = q.scale * ws[i];
     offset[i] = q.zero * sums[i];
   }
-  const Product p{xq.data(), packed.data_ptr<int8_t>(), scale.data(), offset.data(),
-                  bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), n, k_padded};
+  const Product p{xq.data(), packed.data_ptr<int8_t>(), scale.data(), offset.data(), bias, residual, y, n, k_padded};
   // Every thread takes whole groups; a group's weights stay in its core's cache while more than two rows pass.
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -164,12 +166,20 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, co
       if (row < rows) group<1>(p, g, row);
     }
   });
+}
+
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& weight_scale,
+                     const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "linear: float input");
+  const auto x = input.contiguous();
+  const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = weight_scale.size(0);
+  auto y = at::empty(sizes, x.options());
+  linear_rows(x.data_ptr<float>(), rows, k, packed, weight_scale, weight_sums,
+              bias.has_value() ? bias->data_ptr<float>() : nullptr, nullptr, y.data_ptr<float>());
   return y;
 }
 
-}  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "int8 [N, K] -> the kernel's layout");
-  m.def("linear", &linear, "float input x packed int8 weight -> float");
-}
+}  // namespace musicgen

@@ -1,0 +1,85 @@
+// This service's CPU kernels (app/kernel_build.py builds them as one extension; module.cpp binds them to Python).
+//
+// int8_linear.cpp: int8 weights x int8 activations, the products of a decoding step (app/int8_kernel.py).
+// attention.cpp:   one query's attention over an fp16 (or fp32) key/value cache (app/half_attention.py).
+// lean_layer.cpp:  a whole transformer layer's decoding step on those two (app/lean_step.py).
+//
+// Every file is compiled with AVX512 (F, BW, VL, DQ), VNNI and F16C enabled; the loader checks the CPU first.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace musicgen {
+
+// int8 [N, K] -> the product kernel's layout.
+at::Tensor pack(const at::Tensor& weight);
+
+// float [..., K] x packed int8 [N, K] -> float [..., N] (weight_scale: float [N]; weight_sums: int32 [N]).
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& weight_scale,
+                     const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias);
+
+// The same product on raw rows: x is `rows` x K floats, y `rows` x N floats; `residual`, if not null, is added
+// to the result (it may be y itself).
+void linear_rows(const float* x, int64_t rows, int64_t k, const at::Tensor& packed,
+                 const at::Tensor& weight_scale, const at::Tensor& weight_sums, const float* bias,
+                 const float* residual, float* y);
+
+// float [B, H, 1, D] queries over half [B, H, N, D] keys and values -> float [B, H, 1, D].
+at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values);
+
+// A [B, H, N, D] tensor's rows, the last dimension contiguous.
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t batch, head, time;  // strides, in elements
+
+  explicit Rows(const at::Tensor& x)
+      : data(x.data_ptr<T>()), batch(x.stride(0)), head(x.stride(1)), time(x.stride(2)) {}
+};
+
+// One query per batch row and head over `n` keys and values: query b, head h at q + b * q_batch + h * depth;
+// output likewise at out + b * out_batch + h * depth (softmax(q k^T / sqrt(depth)) v, all in fp32).
+// T is at::Half (converted as read) or float; depth a multiple of 16, at most 256.
+template <typename T>
+void attend_heads(const float* q, int64_t q_batch, Rows<T> keys, Rows<T> values, int64_t batch, int64_t heads,
+                  int64_t n, int64_t depth, float* out, int64_t out_batch);
+
+// Rows `x` (b at x + b * x_batch + h * depth) into a half cache's position `at`, saturated at fp16's range.
+void store_half(const float* x, int64_t x_batch, const at::Tensor& cache, int64_t at);
+
+// A pre-norm transformer layer's decoding step for one new token (audiocraft's StreamingTransformerLayer as
+// app/lean_step.py runs it): int8 products, self-attention over an fp16 cache, cross-attention over fp32 keys and
+// values, layer norms, residuals and the feed-forward activation, in one call.
+class Layer {
+ public:
+  using Norm = std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, double>;  // weight, bias, eps
+  // packed weight, weight scale, weight sums, bias: `linear`'s arguments.
+  using Product = std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>>;
+
+  // activation: "relu" or "gelu" (exact); the cross-attention's three parts are all given or none.
+  Layer(int64_t heads, const std::string& activation, Norm norm1, Product self_in, Product self_out,
+        c10::optional<Norm> norm_cross, c10::optional<Product> cross_in, c10::optional<Product> cross_out,
+        Norm norm2, Product linear1, Product linear2);
+
+  // x: float [B, 1, dim]; keys, values: half [B, heads, capacity, dim / heads], the new token's written at
+  // `length` (< capacity); cross keys/values: float [B, heads, S, dim / heads]. Returns the layer's output.
+  at::Tensor step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                     const c10::optional<at::Tensor>& cross_keys,
+                     const c10::optional<at::Tensor>& cross_values) const;
+
+ private:
+  int64_t heads_;
+  bool gelu_;
+  Norm norm1_, norm2_;
+  Product self_in_, self_out_, linear1_, linear2_;
+  c10::optional<Norm> norm_cross_;
+  c10::optional<Product> cross_in_, cross_out_;
+};
+
+}  // namespace musicgen
