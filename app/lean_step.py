@@ -17,6 +17,7 @@ Its logits agree with the Python step's within float rounding, not bit for bit (
 cross-attention kernel).
 """
 
+import functools
 import types
 import typing as tp
 
@@ -154,7 +155,7 @@ def _whole_layer(layer: StreamingTransformerLayer, plan: _Plan) -> tp.Any:
         attentions.append((layer.cross_attention, getattr(layer.cross_attention, "packed_query", None)))
     products = [_product_args(module) for attn, project in attentions for module in (project, attn.out_proj)]
     products += [_product_args(layer.linear1), _product_args(layer.linear2)]
-    kernels = build("whole-layer decoding steps", "the lean step in Python")
+    kernels = _kernels()
     if kernels is None or any(args is None for args in products):
         return None
     norms = [(norm.weight, norm.bias, norm.eps) for norm in (plan.norm1, plan.norm_cross, plan.norm2) if norm]
@@ -164,6 +165,12 @@ def _whole_layer(layer: StreamingTransformerLayer, plan: _Plan) -> tp.Any:
                              *cross_parts, norms[-1], products[-2], products[-1])
     except RuntimeError:  # sizes it does not take (heads of 16 floats or more, rows of 16): the Python step
         return None
+
+
+@functools.cache
+def _kernels() -> tp.Optional[types.ModuleType]:
+    """The extension, looked up (and its fallback logged) once a process."""
+    return build("whole-layer decoding steps", "the lean step in Python")
 
 
 def _product_args(module: torch.nn.Module) -> tp.Optional[tp.Tuple[tp.Optional[torch.Tensor], ...]]:

@@ -68,7 +68,6 @@ def test_next_tokens_are_the_python_steps_within_rounding(kernels, activation, s
     # No capacity announced: step 0 and the cache's growths at 2, 4 and 8 (fast_lm.GROWTH) take the stock forward,
     # every other step one call per layer.
     assert [plan.calls for plan in steps] == [12] * layers
-    assert not torch.equal(reference, logp)  # its own layer norm and cross-attention: rounding differs
     kl, agreement = drift(reference, logp)
     assert abs(kl) < 1e-6 and agreement > 0.95, (kl, agreement)
 

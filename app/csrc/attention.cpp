@@ -6,6 +6,10 @@
 // weighted sum. torch's own attention kernels on CPU read a half-precision cache slower than an fp32 one. The fp32
 // variant serves the cross-attention of the lean layer (lean_layer.cpp), over the conditioning's keys and values.
 //
+// So that the read, not the arithmetic, sets its pace: the scores of 16 keys are summed into one register by a tree
+// of shuffles (`sum_lanes`), not a reduction per key, and the softmax's exponentials are computed 16 at a time
+// (`exp16`), not one by one.
+//
 // Built at run time by app/kernel_build.py with the other kernels (kernels.h); the loader checks the CPU.
 
 #include "kernels.h"
@@ -27,6 +31,52 @@ constexpr int64_t kMaxDepth = 256;
 inline __m512 row(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 row(const float* p) { return _mm512_loadu_ps(p); }
 
+int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// 16 registers' lane sums in one register (lane j: the sum of sums[j]'s lanes), in a tree of shuffles: ~3
+// instructions a register, where a reduction of each takes ~8.
+inline __m512 sum_lanes(const __m512 (&sums)[16]) {
+  // Pairs of registers: a 256-bit half of each, summed over its two halves.
+  __m512 halves[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = sums[2 * i], b = sums[2 * i + 1];
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  // Quarter k of quads[i]: 4 partial sums of register 4 i + k.
+  __m512 quads[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 a = halves[2 * i], b = halves[2 * i + 1];
+    quads[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  // Within each quarter: lane m of quarter k, the sum of register 4 m + k.
+  const __m512 y0 = _mm512_add_ps(_mm512_unpacklo_ps(quads[0], quads[1]), _mm512_unpackhi_ps(quads[0], quads[1]));
+  const __m512 y1 = _mm512_add_ps(_mm512_unpacklo_ps(quads[2], quads[3]), _mm512_unpackhi_ps(quads[2], quads[3]));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y0, y1, 0x44), _mm512_shuffle_ps(y0, y1, 0xEE));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+// e^x on 16 lanes, within ~2 ulp of expf: x = n ln 2 + r (|r| <= ln 2 / 2, ln 2 in two parts), e^r by its Taylor
+// polynomial to r^7, then times 2^n. Below -87.3 the result is 0 (scores less their maximum are never above 0).
+inline __m512 exp16(__m512 x) {
+  const __m512 lowest = _mm512_set1_ps(-87.3f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lowest);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
 // fp16's largest finite value: beyond it a key or value is stored saturated, not as an infinity (which would turn
 // its head's attention into NaN for the rest of the generation).
 constexpr float kHalfMax = 65504.f;
@@ -39,34 +89,57 @@ void attend_heads(const float* q, int64_t q_batch, Rows<T> keys, Rows<T> values,
   const int64_t chunks = depth / kLanes;
   const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(static_cast<float>(depth)));
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(n);
+    std::vector<float> weights(round_up(n, kLanes));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      const float* qp = q + b * q_batch + h * depth;
       const T* kp = keys.data + b * keys.batch + h * keys.head;
       const T* vp = values.data + b * values.batch + h * values.head;
       __m512 qs[kMaxDepth / kLanes];
-      for (int64_t c = 0; c < chunks; ++c) qs[c] = _mm512_mul_ps(_mm512_loadu_ps(qp + c * kLanes), scale);
-      float top = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        qs[c] = _mm512_mul_ps(_mm512_loadu_ps(q + b * q_batch + h * depth + c * kLanes), scale);
+      }
+      // Scores, 16 keys at a time into one register; the tail one at a time.
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      int64_t t = 0;
+      for (; t + kLanes <= n; t += kLanes) {
+        __m512 sums[kLanes];
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const T* r = kp + (t + j) * keys.time;
+          sums[j] = _mm512_mul_ps(qs[0], row(r));
+          for (int64_t c = 1; c < chunks; ++c) sums[j] = _mm512_fmadd_ps(qs[c], row(r + c * kLanes), sums[j]);
+        }
+        const __m512 scores = sum_lanes(sums);
+        _mm512_storeu_ps(weights.data() + t, scores);
+        top = _mm512_max_ps(top, scores);
+      }
+      float largest = _mm512_reduce_max_ps(top);
+      for (; t < n; ++t) {
         const T* r = kp + t * keys.time;
         __m512 sum = _mm512_mul_ps(qs[0], row(r));
         for (int64_t c = 1; c < chunks; ++c) sum = _mm512_fmadd_ps(qs[c], row(r + c * kLanes), sum);
         weights[t] = _mm512_reduce_add_ps(sum);
-        top = std::max(top, weights[t]);
+        largest = std::max(largest, weights[t]);
       }
-      float total = 0.f;
-      for (int64_t t = 0; t < n; ++t) total += weights[t] = std::exp(weights[t] - top);
-      const float inverse = 1.f / total;
+      // Softmax: exp(score - largest), 16 at a time.
+      const __m512 shift = _mm512_set1_ps(largest);
+      __m512 totals = _mm512_setzero_ps();
+      for (t = 0; t < n; t += kLanes) {
+        const __mmask16 mask = t + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, weights.data() + t), shift));
+        totals = _mm512_mask_add_ps(totals, mask, totals, e);
+        _mm512_mask_storeu_ps(weights.data() + t, mask, e);
+      }
+      const float inverse = 1.f / _mm512_reduce_add_ps(totals);
       __m512 acc[kMaxDepth / kLanes];
       for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) {
+      for (t = 0; t < n; ++t) {
         const T* r = vp + t * values.time;
-        const __m512 w = _mm512_set1_ps(weights[t] * inverse);
+        const __m512 w = _mm512_set1_ps(weights[t]);
         for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(w, row(r + c * kLanes), acc[c]);
       }
       float* o = out + b * out_batch + h * depth;
-      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(o + c * kLanes, acc[c]);
+      const __m512 normalize = _mm512_set1_ps(inverse);
+      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(o + c * kLanes, _mm512_mul_ps(acc[c], normalize));
     }
   });
 }
