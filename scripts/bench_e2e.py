@@ -123,7 +123,9 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) 
             out[f"{duration} s"] = {"t5_s": t5, "lm_s": round(lm, 2), "decode_s": round(decode, 2),
                                     "wav_s": round(wav_s, 3), "total_s": round(total, 2),
                                     "s_per_audio_s": round(total / duration, 3),
-                                    "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1)}
+                                    "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1),
+                                    # 1 where the threads policy found the cores shared during the clip
+                                    "threads_at_end": policy.threads}
     finally:
         torch.set_num_threads(before)
     return {"threads": used, "shares_cores": policy.shares, "precision": settings.precision, "decoder": decoder,
