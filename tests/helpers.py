@@ -33,6 +33,15 @@ def skip_without_kernels(fallback: str) -> None:
         pytest.skip(f"no C++ compiler: {fallback}")
 
 
+def built_kernels(fallback: str, load: tp.Callable[[], tp.Any]) -> tp.Any:
+    """This service's C++ kernels as `load` gives them; skipped, saying what runs instead (`fallback`), where they
+    cannot be built (`skip_without_kernels`). Anywhere else they must load."""
+    skip_without_kernels(fallback)
+    module = load()
+    assert module is not None, "the kernels did not build or load on a CPU and machine that can have them (see the log)"
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,16 +11,13 @@ from app import debug_models, fast_lm, half_attention
 from app import precision as precision_module
 from app.config import Settings
 from app.model import Speedups
-from tests.helpers import skip_without_kernels
+from tests.helpers import built_kernels
 from tests.test_fast_lm import SMALL, greedy_tokens, musicgen, next_token_distributions, with_speedups
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    skip_without_kernels("the cache stays fp32")
-    module = half_attention.load()
-    assert module is not None, "the kernel did not build or load on a CPU and machine that can have it (see the log)"
-    return module
+    return built_kernels("the cache stays fp32", half_attention.load)
 
 
 # Keys in blocks of 16 (their scores summed in one register) and a tail of fewer: none, some, only a tail.

@@ -11,17 +11,14 @@ import torch
 from app import fast_lm, int8_kernel
 from app.config import Settings
 from app.model import Speedups
-from tests.helpers import ROOT, skip_without_kernels
+from tests.helpers import ROOT, built_kernels, skip_without_kernels
 
 FALLBACK = "int8-dynamic runs on fbgemm's kernels"
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    skip_without_kernels(FALLBACK)
-    module = int8_kernel.load()
-    assert module is not None, "the kernel did not build or load on a CPU and machine that can have it (see the log)"
-    return module
+    return built_kernels(FALLBACK, int8_kernel.load)
 
 
 def _pair(weight: torch.Tensor, bias) -> tuple:

@@ -11,17 +11,14 @@ import torch
 from torch.nn import functional as F
 
 from app import debug_models, fast_lm, half_attention, lean_step, precision
-from tests.helpers import Server, events, generate, skip_without_kernels
+from tests.helpers import Server, built_kernels, events, generate
 from tests.test_fast_lm import SMALL, drift, greedy_tokens, musicgen, next_token_distributions, sharpened
 from tests.test_lean_step import conditions
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    skip_without_kernels("the lean step runs in Python")
-    module = half_attention.load()
-    assert module is not None, "the kernels did not build or load on a CPU and machine that can have them (see the log)"
-    return module
+    return built_kernels("the lean step runs in Python", half_attention.load)
 
 
 class Counted:
