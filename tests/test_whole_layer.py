@@ -146,6 +146,23 @@ def test_it_refuses_what_it_cannot_take(kernels):
         kernels.Layer(heads, "tanh", norm, args, args, None, None, None, norm, args, args)
 
 
+def test_a_row_whose_mean_is_exactly_zero_is_normalized_as_any_other(kernels):
+    """Its layer norms divide by the row's deviation: a row of mean 0 (+1, -1, ...) must not be taken for one of
+    deviation 0. The same row nudged off a mean of 0 gives the same output, within int8 rounding."""
+    mg, _ = int8_default(musicgen(SMALL))
+    layer = mg.lm.transformer.layers[0]
+    heads, dim = layer.self_attn.num_heads, layer.self_attn.embed_dim
+    x = torch.tensor([1.0, -1.0]).repeat(dim // 2).expand(2, 1, dim).contiguous()
+    assert float(x.sum()) == 0.0
+    nudged = x.clone()
+    nudged[..., 0] += 1e-3
+    cross = torch.randn(2, heads, 3, dim // heads, generator=torch.Generator().manual_seed(0))
+    out = [layer.lean_plan.whole.step(row, torch.zeros(2, heads, 4, dim // heads, dtype=torch.float16),
+                                      torch.zeros(2, heads, 4, dim // heads, dtype=torch.float16), 0, cross, cross)
+           for row in (x, nudged)]
+    assert torch.allclose(out[0], out[1], atol=0.05 * float(out[1].abs().max())), (out[0] - out[1]).abs().max()
+
+
 def test_a_cache_beyond_fp16s_range_saturates(kernels):
     mg, _ = int8_default(musicgen(SMALL))
     layer = mg.lm.transformer.layers[0]

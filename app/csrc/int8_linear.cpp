@@ -169,7 +169,7 @@ void linear_rows(const float* x, int64_t rows, int64_t k, const at::Tensor& pack
 }
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& weight_scale,
-                     const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias) {
+                  const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.scalar_type() == at::kFloat, "linear: float input");
   const auto x = input.contiguous();
   const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0;

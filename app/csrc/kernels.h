@@ -22,7 +22,7 @@ at::Tensor pack(const at::Tensor& weight);
 
 // float [..., K] x packed int8 [N, K] -> float [..., N] (weight_scale: float [N]; weight_sums: int32 [N]).
 at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& weight_scale,
-                     const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias);
+                  const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias);
 
 // The same product on raw rows: x is `rows` x K floats, y `rows` x N floats; `residual`, if not null, is added
 // to the result (it may be y itself).
@@ -70,8 +70,8 @@ class Layer {
   // x: float [B, 1, dim]; keys, values: half [B, heads, capacity, dim / heads], the new token's written at
   // `length` (< capacity); cross keys/values: float [B, heads, S, dim / heads]. Returns the layer's output.
   at::Tensor step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values, int64_t length,
-                     const c10::optional<at::Tensor>& cross_keys,
-                     const c10::optional<at::Tensor>& cross_values) const;
+                  const c10::optional<at::Tensor>& cross_keys,
+                  const c10::optional<at::Tensor>& cross_values) const;
 
  private:
   int64_t heads_;

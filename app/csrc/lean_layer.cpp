@@ -23,16 +23,18 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 
-float sum(const float* x, int64_t d, float minus) {
+float sum(const float* x, int64_t d) {
   __m512 total = _mm512_setzero_ps();
-  const __m512 m = _mm512_set1_ps(minus);
-  if (minus == 0.f) {
-    for (int64_t i = 0; i < d; i += kLanes) total = _mm512_add_ps(total, _mm512_loadu_ps(x + i));
-  } else {  // the sum of squared deviations from `minus`
-    for (int64_t i = 0; i < d; i += kLanes) {
-      const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
-      total = _mm512_fmadd_ps(v, v, total);
-    }
+  for (int64_t i = 0; i < d; i += kLanes) total = _mm512_add_ps(total, _mm512_loadu_ps(x + i));
+  return _mm512_reduce_add_ps(total);
+}
+
+float squared_deviations(const float* x, int64_t d, float mean) {
+  const __m512 m = _mm512_set1_ps(mean);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += kLanes) {
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
+    total = _mm512_fmadd_ps(v, v, total);
   }
   return _mm512_reduce_add_ps(total);
 }
@@ -45,8 +47,8 @@ void layer_norm(const float* x, int64_t rows, int64_t d, const Layer::Norm& norm
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     float* yr = y + r * d;
-    const float mean = sum(xr, d, 0.f) / static_cast<float>(d);
-    const float variance = sum(xr, d, mean) / static_cast<float>(d);
+    const float mean = sum(xr, d) / static_cast<float>(d);
+    const float variance = squared_deviations(xr, d, mean) / static_cast<float>(d);
     const __m512 m = _mm512_set1_ps(mean);
     const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(variance + static_cast<float>(eps)));
     for (int64_t i = 0; i < d; i += kLanes) {
@@ -87,8 +89,8 @@ Layer::Layer(int64_t heads, const std::string& activation, Norm norm1, Product s
 }
 
 at::Tensor Layer::step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
-                          int64_t length, const c10::optional<at::Tensor>& cross_keys,
-                          const c10::optional<at::Tensor>& cross_values) const {
+                       int64_t length, const c10::optional<at::Tensor>& cross_keys,
+                       const c10::optional<at::Tensor>& cross_values) const {
   const int64_t dim = outputs(self_out_), depth = dim / heads_, hidden = outputs(linear1_);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.size(2) == dim,
               "Layer.step: float [batch, 1, dim]");
