@@ -138,12 +138,20 @@ def test_it_refuses_what_it_cannot_take(kernels):
         whole.step(x, keys, keys.clone(), 0, None, None)
     with pytest.raises(RuntimeError, match=r"float \[batch, 1, dim\]"):
         whole.step(x.repeat(1, 2, 1), keys, keys.clone(), 0, cross, cross)
-    args = layer.self_attn.packed_in_proj.product_args
-    norm = (None, None, 1e-5)
+    products = [module.product_args for module in (layer.self_attn.packed_in_proj, layer.self_attn.out_proj,
+                                                   layer.linear1, layer.linear2)]
+    norm = (torch.ones(dim), torch.zeros(dim), 1e-5)
+
+    def built(heads: int = heads, activation: str = "relu", first: tp.Any = norm) -> tp.Any:
+        return kernels.Layer(heads, activation, first, *products[:2], None, None, None, norm, *products[2:])
+
+    assert built() is not None  # a layer without cross-attention
     with pytest.raises(RuntimeError, match="Layer: shapes"):  # three heads of 64 / 3 floats
-        kernels.Layer(3, "relu", norm, args, args, None, None, None, norm, args, args)
+        built(heads=3)
+    with pytest.raises(RuntimeError, match="Layer: shapes"):  # a norm's weight of another size
+        built(first=(torch.ones(dim + 16), None, 1e-5))
     with pytest.raises(RuntimeError, match="relu or gelu"):
-        kernels.Layer(heads, "tanh", norm, args, args, None, None, None, norm, args, args)
+        built(activation="tanh")
 
 
 def test_a_row_whose_mean_is_exactly_zero_is_normalized_as_any_other(kernels):

@@ -69,6 +69,16 @@ void product(const Layer::Product& p, const float* x, int64_t rows, int64_t k, f
 
 int64_t outputs(const Layer::Product& p) { return std::get<1>(p).size(0); }
 
+// A norm's weight and bias (where it has them): `dim` contiguous floats.
+bool fits(const Layer::Norm& norm, int64_t dim) {
+  for (const auto& part : {std::get<0>(norm), std::get<1>(norm)}) {
+    if (part.has_value() && (part->scalar_type() != at::kFloat || part->numel() != dim || !part->is_contiguous())) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 Layer::Layer(int64_t heads, const std::string& activation, Norm norm1, Product self_in, Product self_out,
@@ -84,7 +94,8 @@ Layer::Layer(int64_t heads, const std::string& activation, Norm norm1, Product s
   const int64_t dim = outputs(self_out_);
   TORCH_CHECK(dim % kLanes == 0 && dim % heads == 0 && (dim / heads) % kLanes == 0 && dim / heads <= 256 &&
                   outputs(self_in_) == 3 * dim && outputs(linear2_) == dim &&
-                  (!cross_in_ || (outputs(*cross_in_) == dim && outputs(*cross_out_) == dim)),
+                  (!cross_in_ || (outputs(*cross_in_) == dim && outputs(*cross_out_) == dim)) &&
+                  fits(norm1_, dim) && fits(norm2_, dim) && (!norm_cross_ || fits(*norm_cross_, dim)),
               "Layer: shapes");
 }
 
