@@ -95,13 +95,14 @@ class Settings:
     # cache's kernel does not build). 0: one core for everything.
     parallel_attention: bool = True
     # MUSICGEN_INT8_KERNEL: with int8-dynamic, the products on this service's AVX512-VNNI kernel (app/int8_kernel.py,
-    # built with g++ at the first load and cached; 1.15x fbgemm's per step in the benchmark) where the CPU has it and
-    # it builds, else on fbgemm's kernels; 0: always fbgemm's.
+    # built with g++ at the first load and cached; 1.12-1.15x fbgemm's per step in the benchmarks) where the CPU has
+    # it and it builds, else on fbgemm's kernels; 0: always fbgemm's.
     int8_kernel: bool = True
     # MUSICGEN_HALF_KV_CACHE: on CPU, the self-attention key/value cache in fp16, attended over by this service's own
     # kernel (app/half_attention.py; built like the int8 kernel, where the CPU has AVX512-VNNI): half the bytes a
     # step reads past a few hundred steps of context. Changes the numbers a little (11 significant bits per key and
-    # value; next-token distributions within a KL of ~2e-5 of the fp32 cache's); 0: fp32.
+    # value; next-token distributions within a KL of ~2e-5 of the fp32 cache's); 0: fp32. With both kernels each
+    # layer's decoding step is one C++ call (app/lean_step.py's whole-layer step); either setting at 0 turns it off.
     half_kv_cache: bool = True
 
     def __post_init__(self) -> None:

@@ -145,8 +145,7 @@ def _whole_layer(layer: StreamingTransformerLayer, plan: _Plan) -> tp.Any:
     self-attention cache is fp16 and whose attention runs torch's layout, in fp32, without layer scales; else None."""
     if not plan.self_attention.half or any(scale is not None for scale in (plan.scale1, plan.scale_cross, plan.scale2)):
         return None
-    if layer.activation not in (F.relu, F.gelu) or any(norm.weight is not None and norm.weight.dtype != torch.float32
-                                                         for norm in (plan.norm1, plan.norm_cross, plan.norm2) if norm):
+    if layer.activation not in (F.relu, F.gelu):
         return None
     attentions = [(layer.self_attn, getattr(layer.self_attn, "packed_in_proj", None))]
     if plan.cross_attention is not None:
@@ -163,7 +162,7 @@ def _whole_layer(layer: StreamingTransformerLayer, plan: _Plan) -> tp.Any:
     try:
         return kernels.Layer(plan.self_attention.heads, layer.activation.__name__, norms[0], products[0], products[1],
                              *cross_parts, norms[-1], products[-2], products[-1])
-    except RuntimeError:  # sizes it does not take (heads of 16 floats or more, rows of 16): the Python step
+    except RuntimeError:  # what it does not take (heads or rows not of 16 floats, norms not fp32): the Python step
         return None
 
 
@@ -213,7 +212,7 @@ def _layer_forward(self: StreamingTransformerLayer, src: torch.Tensor, src_mask:
     length = _steady(self, plan, src, src_mask, src_key_padding_mask, cross_attention_src)
     if length is None:
         return StreamingTransformerLayer.forward(self, src, src_mask, src_key_padding_mask, cross_attention_src)
-    if plan.whole is not None and src.dtype == torch.float32:
+    if plan.whole is not None:  # int8 products: the layer computes in fp32, what the extension takes
         return _whole_step(plan, src, length)
     x = src
     x = x + _scaled(plan.scale1, _self_attention(plan.self_attention, plan.norm1(x), length))
