@@ -9,7 +9,9 @@ memory is not finite, so it runs over the clip once, in order, carrying its stat
 Every frame goes through `body` once plus its context (a few frames per segment), never the whole clip again.
 The interleaved stereo codec decodes its left and right codebooks as two rows of one batch. A decoder converted
 to bf16 (app/codec.py: hooks on the whole decoder cast its input and output) is run in its own dtype here too,
-layer by layer, and returns fp32 as it does.
+layer by layer, and returns fp32 as it does. `decode` runs a whole clip through the same pieces at once: on a CPU
+a piece of a few seconds keeps the body's activations in the caches, where a long clip decoded whole streams them
+through memory.
 """
 
 import copy
@@ -126,6 +128,18 @@ def _no_autocast(device: torch.device) -> tp.ContextManager:
     # Segments are decoded from inside the LM's loop, which audiocraft runs under fp16 autocast on CUDA;
     # the final decode it replaces runs outside it, in fp32.
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def decode(plan: Plan, codes: torch.Tensor, piece_frames: int) -> torch.Tensor:
+    """A whole clip's codes [B, K, frames] decoded `piece_frames` at a time: the full decode's audio [B, C, samples].
+
+    The real 32 kHz EnCodec (bf16, two threads, 2-core Zen 4): a 30 s clip in 4 s pieces 1.5-1.7 s, decoded whole
+    2.6-2.9 s; 10 s 0.55-0.6 s against 0.65-0.8 s. Its widest activation, 64 channels at 32 kHz, is 16 MB for
+    4 s in bf16, about a CPU's last-level cache; decoded whole, a 30 s clip's is 120 MB."""
+    decoder = IncrementalDecoder(plan, piece_frames)
+    decoder.push(codes)
+    decoder.finish()
+    return decoder.clip()
 
 
 class IncrementalDecoder:

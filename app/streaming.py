@@ -13,8 +13,10 @@ tokens the LM returns.
 `AudioStream` feeds complete frames to app/stream_decode.py's incremental decoder and hands each decoded
 chunk, levelled (app/stream_level.py), to a callback; it also stands in for MusicGen's final decode
 (`generate_audio`), returning the clip assembled from the same decoded chunks instead of decoding it again.
+Without a stream, `final_decode` stands in for that decode with another: the clip decoded in pieces, say.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import typing as tp
@@ -28,6 +30,7 @@ from .stream_level import Leveler
 
 OnFrames = tp.Callable[[torch.Tensor, int, bool], None]  # (codes [B, K, n], first frame in the clip, generated)
 OnAudio = tp.Callable[[torch.Tensor, int], None]  # (chunk [channels, samples] float, first sample in the clip)
+Decode = tp.Callable[[torch.Tensor], torch.Tensor]  # tokens [B, K, frames] -> audio [B, channels, samples]
 
 _GENERATE = inspect.signature(LMModel.generate)
 
@@ -150,6 +153,21 @@ def _calling(method: tp.Callable[..., tp.Any], wrapper: tp.Callable[..., tp.Any]
     return call
 
 
+@contextlib.contextmanager
+def final_decode(musicgen: MusicGen, decode: Decode) -> tp.Iterator[None]:
+    """Inside this block `musicgen`'s final decode (`generate_audio`, which every generate method ends with) is
+    `decode`."""
+    saved = musicgen.__dict__.get("generate_audio")
+    musicgen.generate_audio = decode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del musicgen.generate_audio
+        else:
+            musicgen.generate_audio = saved
+
+
 class AudioStream:
     """While installed on `musicgen` (`with`), streams its next generation's audio to `on_audio` as it is made.
 
@@ -169,20 +187,15 @@ class AudioStream:
         self.decoder = IncrementalDecoder(self.plan, round(chunk_seconds * musicgen.frame_rate))
         self.leveler = Leveler(musicgen.sample_rate, normalize)
         self.tap = TokenTap(musicgen.lm, self._on_frames)
-        self._saved: tp.Any = None
+        self._installed = contextlib.ExitStack()
 
     def __enter__(self) -> "AudioStream":
-        self.tap.__enter__()
-        self._saved = self.musicgen.__dict__.get("generate_audio")
-        self.musicgen.generate_audio = self._generate_audio
+        self._installed.enter_context(self.tap)
+        self._installed.enter_context(final_decode(self.musicgen, self._generate_audio))
         return self
 
     def __exit__(self, *exc: tp.Any) -> None:
-        if self._saved is None:
-            del self.musicgen.generate_audio
-        else:
-            self.musicgen.generate_audio = self._saved
-        self.tap.__exit__(*exc)
+        self._installed.__exit__(*exc)
 
     def _on_frames(self, codes: torch.Tensor, start: int, generated: bool) -> None:
         if codes.shape[0] != 1:

@@ -107,6 +107,7 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) 
         model = MusicModel.from_settings(settings)
         model.musicgen.compression_model = real_size_encodec()
         decoder = codec.apply(model.musicgen.compression_model, settings.decoder_precision, "cpu")
+        model.plan_streaming()  # the clip is decoded in pieces (app/model.py): plan them for the codec now in place
         model.generate(GenerationParams(description="warm", duration=1, seed=1), 1, lambda stage: None)
         out: tp.Dict[str, tp.Any] = {}
         for duration in durations:

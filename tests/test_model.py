@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from app import debug_models
+from app import debug_models, stream_decode
 from app.generation import Cancelled
-from app.model import DIFFUSION_STEPS_PER_BAND, MusicModel
+from app.model import DECODE_PIECE_SECONDS, DIFFUSION_STEPS_PER_BAND, MusicModel
 from app.params import AudioClip, GenerationParams, UnsupportedRequest
 from tests.audio_samples import melody
 
@@ -142,6 +142,41 @@ def test_mbd_decodes_with_one_callback_per_diffusion_step(mono):
     wav, counts = run(mono, mbd=True)
     assert counts["diffusion"] == mono.diffusion_steps() == 4 * DIFFUSION_STEPS_PER_BAND
     assert wav.shape == (1, 2 * 32000) and torch.isfinite(wav).all() and wav.abs().max() > 0
+
+
+@pytest.mark.parametrize("model", ["mono", "stereo"])
+def test_a_clip_not_streamed_is_decoded_in_pieces_into_the_whole_decodes_audio(model, request, monkeypatch):
+    """On a CPU the final decode runs DECODE_PIECE_SECONDS at a time (each piece's body over the piece and its
+    context only), and gives the clip that decoding the tokens whole gives."""
+    model = request.getfixturevalue(model)
+    calls, widths = [], []
+    decode = stream_decode.decode
+    monkeypatch.setattr(stream_decode, "decode", lambda plan, codes, piece_frames: calls.append(
+        (codes, piece_frames)) or decode(plan, codes, piece_frames))
+    hook = model.stream_plan.body[0].register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[-1]))
+    try:
+        wav, counts = run(model, duration=9)
+    finally:
+        hook.remove()
+    (codes, piece_frames), = calls
+    assert piece_frames == DECODE_PIECE_SECONDS * model.musicgen.frame_rate < codes.shape[-1] / 2
+    assert len(widths) == 3 and max(widths) <= piece_frames + sum(model.stream_plan.body_reach)
+    with torch.inference_mode():
+        whole = model.musicgen.compression_model.decode(codes)
+    assert wav.shape == (model.channels, 9 * 32000) and whole.shape == (1, *wav.shape)
+    assert (wav - whole[0]).abs().max() < 1e-5 and wav.abs().max() > 0
+
+
+def test_mbd_leaves_out_the_encodec_decode_whose_audio_it_replaces(mono):
+    """MBD decodes the tokens with EnCodec once itself (the reference it re-equalizes its bands to): MusicGen's
+    own final decode, whose audio MBD's replaces, does not run as well."""
+    runs = []
+    hook = mono.musicgen.compression_model.decoder.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        wav, _ = run(mono, mbd=True)
+    finally:
+        hook.remove()
+    assert runs == [1] and wav.abs().max() > 0
 
 
 @pytest.mark.parametrize("mbd", [False, True])
