@@ -36,7 +36,7 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention, _get_att
 from einops import rearrange
 from torch.nn import functional as F
 
-from . import half_attention, int8_kernel
+from . import half_attention, huge_pages, int8_kernel
 from . import lean_step as lean
 from .pair_attention import shared as pair_attention_helper
 
@@ -252,6 +252,9 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
     length = int(state["static_length"]) if "static_length" in state else 0
     if "static_k" not in state or state["static_k"].shape[time_dim] < length + new:
         capacity = max(self.static_capacity, GROWTH * (length + new))
+        arena = None  # on a CPU, huge pages: a generation's for all its caches, else this layer's keys and values
+        if self.in_huge_pages and query.device.type == "cpu":
+            arena = getattr(self, "static_arena", None) or huge_pages.Arena(expected=2)
         for name, x in (("static_k", k), ("static_v", v)):
             shape = list(x.shape)
             shape[time_dim] = capacity
@@ -259,7 +262,7 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
             # row is converted once instead of the whole cache at every step.
             # With `half_kv_cache` (install) it is kept in fp16, read by app/half_attention.py's kernel.
             dtype = getattr(self, "static_kv_dtype", None) or (torch.float32 if self.attention_as_float32 else x.dtype)
-            buffer = x.new_empty(shape, dtype=dtype)
+            buffer = arena.empty(shape, dtype) if arena is not None else x.new_empty(shape, dtype=dtype)
             if length:
                 buffer.narrow(time_dim, 0, length).copy_(state[name].narrow(time_dim, 0, length))
             state[name] = buffer
@@ -282,13 +285,19 @@ def _covered(module: StreamingMultiheadAttention) -> bool:
 
 def _generate_sizing_cache(lm: LMModel, generate: tp.Callable[..., torch.Tensor], *args: tp.Any,
                            **kwargs: tp.Any) -> torch.Tensor:
-    """LMModel.generate, with every static cache sized for this call's sequence (steps + pattern delays)."""
+    """LMModel.generate, with every static cache sized for this call's sequence (steps + pattern delays) and, on
+    a CPU, placed in huge pages (app/huge_pages.py), all the call's caches in one mapping."""
     max_gen_len = kwargs.get("max_gen_len", args[3] if len(args) > 3 else 256)
     steps = lm.pattern_provider.get_pattern(max_gen_len).num_sequence_steps
-    for module in lm.modules():
-        if hasattr(module, "static_capacity"):
-            module.static_capacity = steps
-    return generate(*args, **kwargs)
+    modules = [module for module in lm.modules() if hasattr(module, "static_capacity")]
+    arena = huge_pages.Arena(expected=2 * len(modules))  # keys and values
+    for module in modules:
+        module.static_capacity, module.static_arena = steps, arena
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        for module in modules:
+            module.static_arena = None  # the caches go with the call; so does the arena
 
 
 Packer = tp.Callable[[torch.Tensor, tp.Optional[torch.Tensor]], torch.nn.Module]
@@ -321,10 +330,22 @@ def _pack_linears(root: torch.nn.Module, pack: Packer = PackedLinear, int8: bool
     return count
 
 
+def _weights_into_huge_pages(lm: LMModel) -> int:
+    """Move the weights this service's int8 kernel reads at every step side by side into huge pages
+    (app/huge_pages.py); returns how many moved."""
+    modules = [module for module in lm.modules() if isinstance(module, Int8Linear) and module.kernel is not None
+               and module.packed.device.type == "cpu"]
+    moved = 0
+    for module, packed in zip(modules, huge_pages.gather([module.packed for module in modules]), strict=True):
+        moved += packed.data_ptr() != module.packed.data_ptr()
+        module.packed = packed
+    return moved
+
+
 def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False,
             packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
             pair_attention: bool = False, own_int8_kernel: bool = True,
-            half_kv_cache: bool = False, whole_layer: bool = True) -> tp.Dict[str, int]:
+            half_kv_cache: bool = False, whole_layer: bool = True, in_huge_pages: bool = True) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
     that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`; on this service's own
     kernel where `own_int8_kernel` and it loads, app/int8_kernel.py, else on fbgemm's); with both caches,
@@ -332,11 +353,13 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
     self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py), the static
     cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits, and, with
     `whole_layer`, the lean step of layers on both of this service's kernels (int8 products, fp16 cache) in one
-    C++ call (`lean_step`'s whole-layer step, within float rounding of its Python one). Returns how
+    C++ call (`lean_step`'s whole-layer step, within float rounding of its Python one). With `in_huge_pages`
+    the weights of this service's int8 kernel, and on a CPU the static caches, are placed in huge pages
+    (app/huge_pages.py; `huge_pages` counts the weights moved there; the same numbers). Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
     counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
-              "half_kv_cache": 0, "whole_layer": 0}
+              "half_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
     int8_weights = int8_weights and can_quantize()
     packed_weights = packed_weights or int8_weights  # int8 weights are packed for their kernels by nature
     pack: Packer = functools.partial(Int8Linear, own_kernel=own_int8_kernel) if int8_weights else PackedLinear
@@ -348,7 +371,7 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
             module.forward = types.MethodType(_cross_forward, module)
             counts["cross_kv_cache"] += 1
         elif module.causal and static_kv_cache and module.rope is None and module.past_context is None:
-            module.static_capacity = 0
+            module.static_capacity, module.in_huge_pages = 0, in_huge_pages
             module.forward = types.MethodType(_static_forward, module)
             counts["static_kv_cache"] += 1
             if half_kv_cache and _half_cache_fits(module):
@@ -362,6 +385,8 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
     if packed_weights:
         for root in (lm.transformer, lm.linears):
             counts["packed_weights"] += _pack_linears(root, pack, int8_weights)
+    if int8_weights and in_huge_pages:
+        counts["huge_pages"] = _weights_into_huge_pages(lm)
     if counts["static_kv_cache"]:
         lm.generate = functools.partial(_generate_sizing_cache, lm, lm.generate)
     if lean_step and counts["static_kv_cache"]:  # layers with cross-attention need its cache too (`lean._eligible`)

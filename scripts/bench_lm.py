@@ -28,6 +28,8 @@ DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default whe
 # The default with its lean step in Python instead of one C++ call per layer (app/lean_step.py's whole-layer step):
 # the other variants below run that Python step too (the whole-layer step needs both of the service's kernels).
 DEFAULT_PYTHON_LAYER = DEFAULT + ", lean step in Python"
+# The default with its int8 weights and key/value caches in 4 kB pages instead of 2 MB ones (app/huge_pages.py).
+DEFAULT_SMALL_PAGES = DEFAULT + ", 4 kB pages"
 # The default with its int8 products on fbgemm's kernels instead of app/int8_kernel.py's (MUSICGEN_INT8_KERNEL=0).
 DEFAULT_FBGEMM = DEFAULT + ", fbgemm's int8 kernels"
 # The default with its self-attention cache in fp32 instead of app/half_attention.py's fp16 (MUSICGEN_HALF_KV_CACHE=0).
@@ -65,6 +67,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = _int8_default(stock, PAIR_ATTENTION)
     int8_python_layer = _int8_default(stock, PAIR_ATTENTION, whole_layer=False)
+    int8_small_pages = _int8_default(stock, PAIR_ATTENTION, in_huge_pages=False)
     int8_fbgemm = _int8_default(stock, PAIR_ATTENTION, own_kernel=False)
     int8_fp32_cache = _int8_default(stock, PAIR_ATTENTION, half_kv_cache=False)
     int8_stock_layer = copy.deepcopy(stock)
@@ -79,16 +82,18 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
-            DEFAULT: int8, DEFAULT_PYTHON_LAYER: int8_python_layer, DEFAULT_FBGEMM: int8_fbgemm,
+            DEFAULT: int8, DEFAULT_PYTHON_LAYER: int8_python_layer, DEFAULT_SMALL_PAGES: int8_small_pages,
+            DEFAULT_FBGEMM: int8_fbgemm,
             DEFAULT_FP32_CACHE: int8_fp32_cache, DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
 def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True,
-                  half_kv_cache: bool = HALF_KV_CACHE, whole_layer: bool = True) -> LMModel:
+                  half_kv_cache: bool = HALF_KV_CACHE, whole_layer: bool = True, in_huge_pages: bool = True) -> LMModel:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention,
-                    own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache, whole_layer=whole_layer)
+                    own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache, whole_layer=whole_layer,
+                    in_huge_pages=in_huge_pages)
     return int8
 
 
@@ -220,8 +225,8 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
-                                                DEFAULT_PYTHON_LAYER, DEFAULT_FBGEMM, DEFAULT_FP32_CACHE,
-                                                DEFAULT_STOCK_LAYER)}
+                                                DEFAULT_PYTHON_LAYER, DEFAULT_SMALL_PAGES, DEFAULT_FBGEMM,
+                                                DEFAULT_FP32_CACHE, DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
