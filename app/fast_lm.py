@@ -249,7 +249,7 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
         projected = F.linear(query, self.in_proj_weight, self.in_proj_bias)
     q, k, v = torch.unbind(rearrange(projected, f"b t (p h d) -> {bound}", p=3, h=self.num_heads), dim=2)
     state, new = self._streaming_state, query.shape[1]
-    length = int(state["static_length"]) if "static_length" in state else 0
+    length = state.get("static_length", 0)
     if "static_k" not in state or state["static_k"].shape[time_dim] < length + new:
         capacity = max(self.static_capacity, GROWTH * (length + new))
         arena = None  # on a CPU, huge pages: a generation's for all its caches, else this layer's keys and values
@@ -268,7 +268,7 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
             state[name] = buffer
     half_attention.store(state["static_k"].narrow(time_dim, length, new), k)
     half_attention.store(state["static_v"].narrow(time_dim, length, new), v)
-    state["static_length"] = torch.tensor(length + new)
+    state["static_length"] = length + new  # a Python int: a 0-d tensor cost ~10 us a layer a step to make
     k, v = (state[name].narrow(time_dim, 0, length + new) for name in ("static_k", "static_v"))
     return _attend(self, q, k, v, new > 1, query.dtype), None
 

@@ -230,7 +230,7 @@ def _whole_step(plan: _Plan, x: torch.Tensor, length: int) -> torch.Tensor:
         cross = plan.cross_attention.module._streaming_state
         cross_k, cross_v = cross["cross_k"], cross["cross_v"]
     x = plan.whole.step(x, state["static_k"], state["static_v"], length, cross_k, cross_v)
-    state["static_length"] = torch.tensor(length + 1)
+    state["static_length"] = length + 1
     return x
 
 
@@ -244,7 +244,7 @@ def _steady(layer: StreamingTransformerLayer, plan: _Plan, src: torch.Tensor, sr
     if (src.shape[1] != 1 or src_mask is not None or src_key_padding_mask is not None or layer.training
             or not attn.module._is_streaming or "static_k" not in state):
         return None
-    length = int(state["static_length"])
+    length = state["static_length"]  # fast_lm's count of cached keys
     if state["static_k"].shape[attn.time_dim] <= length:
         return None
     cross = plan.cross_attention
@@ -270,7 +270,7 @@ def _self_attention(attn: _Attention, x: torch.Tensor, length: int) -> torch.Ten
     keys, values = state["static_k"], state["static_v"]
     half_attention.store(keys.narrow(time_dim, length, 1), k)
     half_attention.store(values.narrow(time_dim, length, 1), v)
-    state["static_length"] = torch.tensor(length + 1)
+    state["static_length"] = length + 1
     return _attend(attn, q, keys.narrow(time_dim, 0, length + 1), values.narrow(time_dim, 0, length + 1), x.dtype)
 
 
