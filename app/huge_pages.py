@@ -3,8 +3,8 @@
 A step at musicgen-small size reads ~340 MB of int8 weights and, over a 30 s clip's context, up to ~290 MB of
 fp16 keys and values, in runs of a few kB scattered over that span: with 4 kB pages nearly every run costs a page
 walk. In 2 MB pages (the kernel's transparent huge pages, asked for with `madvise(MADV_HUGEPAGE)` on memory mapped
-here, 2 MB-aligned, before anything touches it) a step ran 3-8 % faster (paired, two threads, 250-1400 steps of
-context: the cache alone 3-5 %, with the weights 6-9 %). The numbers do not change.
+here, 2 MB-aligned, before anything touches it) a step ran 3-9 % faster (paired, musicgen-small's size, two
+threads, 250-1400 steps of context: the cache alone 3-8 %, with the weights 5-9 %). The numbers do not change.
 
 torch's own allocator can be told to do this for every block of 2 MB or more (THP_MEM_ALLOC_ENABLE), but that
 includes the EnCodec decoder's large short-lived blocks, which then fault in 2 MB at a time (README, "What was
@@ -78,10 +78,11 @@ class Arena:
 def gather(tensors: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
     """Copies of `tensors` (contiguous, on the CPU) side by side in one huge-page mapping; the tensors themselves
     where huge pages cannot be asked for."""
+    if not tensors:
+        return []
     arena = Arena()
     total = sum(_round_up(t.numel() * t.element_size(), ALIGN) for t in tensors)
     arena.mapping, arena.used = _mapping(total), 0
     if arena.mapping is None:
         return list(tensors)
     return [arena.empty(t.shape, t.dtype).copy_(t) for t in tensors]
-

@@ -155,7 +155,7 @@ def test_a_clip_not_streamed_is_decoded_in_pieces_into_the_whole_decodes_audio(m
         (codes, piece_frames)) or decode(plan, codes, piece_frames))
     hook = model.stream_plan.body[0].register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[-1]))
     try:
-        wav, counts = run(model, duration=9)
+        wav, _ = run(model, duration=9)
     finally:
         hook.remove()
     (codes, piece_frames), = calls
