@@ -105,7 +105,7 @@ def main() -> None:
     section("long_context", lambda: long_context_probe(context=96 if quick else 600, steps=3 if quick else 5))
     results["decode_costs"] = decode_costs(results["lm_steps"], results["long_context"])
     section("decoder", lambda: decoder_precisions(seconds=2 if quick else 10))
-    section("real_codec_clips", lambda: clips_apart([2] if quick else [10, 30], {}))
+    section("real_codec_clips", lambda: clips_apart([2] if quick else [10, 30], {}, 1 if quick else 3))
     section("one_thread_clips", lambda: clips_apart([2] if quick else [10, 30], {"MUSICGEN_CPU_THREADS": "1"}))
     section("streaming", lambda: streamed_clips([2] if quick else [10, 30], repeats=1 if quick else 2))
     section("debug_durations", lambda: debug_durations([1, 5] if quick else [1, 5, 10, 20, 30, 45, 60]))

@@ -9,7 +9,7 @@ timed on a prompt apart and added. Settings are the service's defaults (threads 
 `clips_apart` runs them in a process of its own, as the service's worker is (what scripts/bench.py does, with the
 defaults and on one torch thread):
 
-    .venv/bin/python -m scripts.bench_e2e 10 30     # the clips, on the settings in the environment
+    .venv/bin/python -m scripts.bench_e2e 10 30 --repeats=3   # the clips, on the settings in the environment
 """
 
 import functools
@@ -96,8 +96,11 @@ def _mark(marks: tp.Dict[str, float], policy: threads.CpuThreads, stage: str) ->
     policy.on_step(stage)
 
 
-def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) -> tp.Dict[str, tp.Any]:
-    """Compute time per stage of each clip, on the service's defaults with the real-size decoder."""
+def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads,
+          repeats: int = 1) -> tp.Dict[str, tp.Any]:
+    """Compute time per stage of each clip, on the service's defaults with the real-size decoder; with `repeats`,
+    the clips in turn that many times, each clip's figures those of its run of median total time, with every run's
+    seconds per second of audio beside them (this machine's neighbours move a whole clip by 10-30 %)."""
     settings = Settings(model="debug-small", device="cpu", mbd_model="debug", cpu_threads=cpu_threads)
     before = torch.get_num_threads()
     policy = threads.CpuThreads(settings.cpu_threads)
@@ -109,8 +112,8 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) 
         decoder = codec.apply(model.musicgen.compression_model, settings.decoder_precision, "cpu")
         model.plan_streaming()  # the clip is decoded in pieces (app/model.py): plan them for the codec now in place
         model.generate(GenerationParams(description="warm", duration=1, seed=1), 1, lambda stage: None)
-        out: tp.Dict[str, tp.Any] = {}
-        for duration in durations:
+        runs: tp.Dict[str, tp.List[tp.Dict[str, tp.Any]]] = {f"{duration} s": [] for duration in durations}
+        for duration in [duration for _ in range(repeats) for duration in durations]:
             marks: tp.Dict[str, float] = {}
             start = time.perf_counter()
             policy.begin()
@@ -121,25 +124,29 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads) 
             lm, decode = marks["lm"] - start, marks["decode"] - marks["lm"]
             wav_s = time.perf_counter() - generated
             total = t5 + lm + decode + wav_s
-            out[f"{duration} s"] = {"t5_s": t5, "lm_s": round(lm, 2), "decode_s": round(decode, 2),
+            runs[f"{duration} s"].append({"t5_s": t5, "lm_s": round(lm, 2), "decode_s": round(decode, 2),
                                     "wav_s": round(wav_s, 3), "total_s": round(total, 2),
                                     "s_per_audio_s": round(total / duration, 3),
                                     "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1),
                                     # 1 where the threads policy found the cores shared during the clip
-                                    "threads_at_end": policy.threads}
+                                    "threads_at_end": policy.threads})
+        out = {clip: {**sorted(each, key=lambda run: run["total_s"])[len(each) // 2],
+                      "s_per_audio_s_runs": [run["s_per_audio_s"] for run in each]} for clip, each in runs.items()}
     finally:
         torch.set_num_threads(before)
     return {"threads": used, "shares_cores": policy.shares, "precision": settings.precision, "decoder": decoder,
             "clips": out}
 
 
-def clips_apart(durations: tp.Sequence[int], env: tp.Mapping[str, str]) -> tp.Dict[str, tp.Any]:
+def clips_apart(durations: tp.Sequence[int], env: tp.Mapping[str, str], repeats: int = 1) -> tp.Dict[str, tp.Any]:
     """`clips` in a process of its own, with `env` added to this one's environment, as the service runs: a process
     that loaded one model, not one that ran the benchmark's other sections first."""
-    run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations)], cwd=ROOT,
-                         env=child_environment(env), capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-m", "scripts.bench_e2e", *map(str, durations), f"--repeats={repeats}"],
+                         cwd=ROOT, env=child_environment(env), capture_output=True, text=True, check=True)
     return {**json.loads(run.stdout.splitlines()[-1]), "environment": dict(env)}
 
 
 if __name__ == "__main__":
-    print(json.dumps(clips([int(arg) for arg in sys.argv[1:]], Settings.from_env().cpu_threads)))
+    repeats = [int(arg.split("=")[1]) for arg in sys.argv[1:] if arg.startswith("--repeats=")]
+    seconds = [int(arg) for arg in sys.argv[1:] if not arg.startswith("--")]
+    print(json.dumps(clips(seconds, Settings.from_env().cpu_threads, *repeats)))
