@@ -125,11 +125,11 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads,
             wav_s = time.perf_counter() - generated
             total = t5 + lm + decode + wav_s
             runs[f"{duration} s"].append({"t5_s": t5, "lm_s": round(lm, 2), "decode_s": round(decode, 2),
-                                    "wav_s": round(wav_s, 3), "total_s": round(total, 2),
-                                    "s_per_audio_s": round(total / duration, 3),
-                                    "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1),
-                                    # 1 where the threads policy found the cores shared during the clip
-                                    "threads_at_end": policy.threads})
+                                          "wav_s": round(wav_s, 3), "total_s": round(total, 2),
+                                          "s_per_audio_s": round(total / duration, 3),
+                                          "lm_ms_per_step": round(1000 * lm / model.lm_steps(duration), 1),
+                                          # 1 where the threads policy found the cores shared during the clip
+                                          "threads_at_end": policy.threads})
         out = {clip: {**sorted(each, key=lambda run: run["total_s"])[len(each) // 2],
                       "s_per_audio_s_runs": [run["s_per_audio_s"] for run in each]} for clip, each in runs.items()}
     finally:
