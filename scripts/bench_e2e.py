@@ -53,6 +53,16 @@ def real_size_encodec(seed: int = 0) -> HFEncodecCompressionModel:
     return HFEncodecCompressionModel(model)
 
 
+def use_real_size_encodec(model: MusicModel, precision: str) -> str:
+    """Put the real-size EnCodec in `model` in the service's decoder `precision` (returned as applied), and plan its
+    incremental decoding, which streams and clips decoded in pieces (app/model.py) run on: a plan measured on the
+    codec it replaces would decode with that one."""
+    model.musicgen.compression_model = real_size_encodec()
+    applied = codec.apply(model.musicgen.compression_model, precision, "cpu")
+    model.plan_streaming()
+    return applied
+
+
 def decoder_precisions(seconds: int = 10, reps: int = 3) -> tp.Dict[str, tp.Any]:
     """The real-size decoder in fp32 and in the service's default precision, round-robin on the same codes."""
     default = codec.resolve(Settings().decoder_precision, "cpu")
@@ -108,9 +118,7 @@ def clips(durations: tp.Sequence[int], cpu_threads: int = Settings.cpu_threads,
     try:
         t5 = t5_encoding()
         model = MusicModel.from_settings(settings)
-        model.musicgen.compression_model = real_size_encodec()
-        decoder = codec.apply(model.musicgen.compression_model, settings.decoder_precision, "cpu")
-        model.plan_streaming()  # the clip is decoded in pieces (app/model.py): plan them for the codec now in place
+        decoder = use_real_size_encodec(model, settings.decoder_precision)
         model.generate(GenerationParams(description="warm", duration=1, seed=1), 1, lambda stage: None)
         runs: tp.Dict[str, tp.List[tp.Dict[str, tp.Any]]] = {f"{duration} s": [] for duration in durations}
         for duration in [duration for _ in range(repeats) for duration in durations]:

@@ -37,7 +37,7 @@ from app import codec as codec_precision  # noqa: E402
 from app.audio import DEMO_LOUDNESS  # noqa: E402
 from app.stream_decode import IncrementalDecoder, Plan  # noqa: E402
 from app.stream_level import Leveler  # noqa: E402
-from scripts.bench_e2e import real_size_encodec  # noqa: E402
+from scripts.bench_e2e import real_size_encodec, use_real_size_encodec  # noqa: E402
 
 
 def real_size_codec(stereo: bool = False) -> tp.Any:
@@ -146,9 +146,7 @@ def streamed_clips(durations: tp.Sequence[int] = (10, 30), repeats: int = 1) -> 
     used = policy.apply()
     try:
         model = MusicModel.from_settings(settings)
-        model.musicgen.compression_model = real_size_encodec()
-        decoder = codec_precision.apply(model.musicgen.compression_model, settings.decoder_precision, "cpu")
-        model.plan_streaming()  # for the codec now in place
+        decoder = use_real_size_encodec(model, settings.decoder_precision)
         model.generate(GenerationParams(description="warm", duration=1), 1, lambda stage: None)
         out: tp.Dict[str, tp.Any] = {}
         for duration in durations:
