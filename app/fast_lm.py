@@ -37,6 +37,7 @@ from einops import rearrange
 from torch.nn import functional as F
 
 from . import half_attention, huge_pages, int8_kernel
+from . import int8_kv_cache as int8_cache
 from . import lean_step as lean
 from .pair_attention import shared as pair_attention_helper
 
@@ -250,27 +251,48 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
     q, k, v = torch.unbind(rearrange(projected, f"b t (p h d) -> {bound}", p=3, h=self.num_heads), dim=2)
     state, new = self._streaming_state, query.shape[1]
     length = state.get("static_length", 0)
+    # With attention_as_float32 (bf16 weights, see app/precision.py) the cache is kept in fp32: each new row is
+    # converted once instead of the whole cache at every step. With `half_kv_cache` (install) it is kept in fp16,
+    # read by app/half_attention.py's kernel; with `int8_kv_cache` in int8 with a scale per row, "static_k_scale"
+    # and "static_v_scale" (app/int8_kv_cache.py), read by the same kernel.
+    dtype = getattr(self, "static_kv_dtype", None) or (torch.float32 if self.attention_as_float32 else q.dtype)
+    int8 = dtype == int8_cache.DTYPE
+    names = ("static_k", "static_v") + (("static_k_scale", "static_v_scale") if int8 else ())
     if "static_k" not in state or state["static_k"].shape[time_dim] < length + new:
         capacity = max(self.static_capacity, GROWTH * (length + new))
-        arena = None  # on a CPU, huge pages: a generation's for all its caches, else this layer's keys and values
+        arena = None  # on a CPU, huge pages: a generation's for all its caches, else this layer's
         if self.in_huge_pages and query.device.type == "cpu":
-            arena = getattr(self, "static_arena", None) or huge_pages.Arena(expected=2)
-        for name, x in (("static_k", k), ("static_v", v)):
-            shape = list(x.shape)
-            shape[time_dim] = capacity
-            # With attention_as_float32 (bf16 weights, see app/precision.py) the cache is kept in fp32: each new
-            # row is converted once instead of the whole cache at every step.
-            # With `half_kv_cache` (install) it is kept in fp16, read by app/half_attention.py's kernel.
-            dtype = getattr(self, "static_kv_dtype", None) or (torch.float32 if self.attention_as_float32 else x.dtype)
-            buffer = arena.empty(shape, dtype) if arena is not None else x.new_empty(shape, dtype=dtype)
+            arena = getattr(self, "static_arena", None) or huge_pages.Arena(expected=_caches_per_layer(self))
+        shape = list(k.shape)
+        shape[time_dim] = capacity
+        shapes = (shape, shape) + ((shape[:-1],) * 2 if int8 else ())  # int8's: torch's layout, [b, h, t]
+        for name, buffer_shape in zip(names, shapes, strict=True):
+            buffer_dtype = dtype if name in ("static_k", "static_v") else torch.float32
+            buffer = (arena.empty(buffer_shape, buffer_dtype) if arena is not None
+                      else k.new_empty(buffer_shape, dtype=buffer_dtype))
             if length:
                 buffer.narrow(time_dim, 0, length).copy_(state[name].narrow(time_dim, 0, length))
             state[name] = buffer
-    half_attention.store(state["static_k"].narrow(time_dim, length, new), k)
-    half_attention.store(state["static_v"].narrow(time_dim, length, new), v)
+    if int8:
+        for name, x in (("static_k", k), ("static_v", v)):
+            int8_cache.store(state[name].narrow(time_dim, length, new),
+                                state[name + "_scale"].narrow(time_dim, length, new), x)
+    else:
+        half_attention.store(state["static_k"].narrow(time_dim, length, new), k)
+        half_attention.store(state["static_v"].narrow(time_dim, length, new), v)
     state["static_length"] = length + new  # a Python int: a 0-d tensor cost ~10 us a layer a step to make
-    k, v = (state[name].narrow(time_dim, 0, length + new) for name in ("static_k", "static_v"))
+    k, v, *scales = (state[name].narrow(time_dim, 0, length + new) for name in names)
+    if int8:  # a prompt or a first step, outside the lean step: torch's kernels, on the numbers the cache holds
+        k, v = int8_cache.dequantize(k, scales[0]), int8_cache.dequantize(v, scales[1])
     return _attend(self, q, k, v, new > 1, query.dtype), None
+
+
+def _caches_per_layer(module: StreamingMultiheadAttention) -> float:
+    """A layer's static caches, in units of its key cache's bytes: keys and values, and an int8 cache's scales
+    (4 bytes a row of `head_dim` bytes): how much of a huge-page mapping a layer takes (`huge_pages.Arena`)."""
+    if getattr(module, "static_kv_dtype", None) != int8_cache.DTYPE:
+        return 2
+    return 2 * (1 + 4 / (module.embed_dim // module.num_heads)) + 0.01  # + the scales' alignment
 
 
 def _half_cache_fits(module: StreamingMultiheadAttention) -> bool:
@@ -290,7 +312,7 @@ def _generate_sizing_cache(lm: LMModel, generate: tp.Callable[..., torch.Tensor]
     max_gen_len = kwargs.get("max_gen_len", args[3] if len(args) > 3 else 256)
     steps = lm.pattern_provider.get_pattern(max_gen_len).num_sequence_steps
     modules = [module for module in lm.modules() if hasattr(module, "static_capacity")]
-    arena = huge_pages.Arena(expected=2 * len(modules))  # keys and values
+    arena = huge_pages.Arena(expected=sum(_caches_per_layer(module) for module in modules))
     for module in modules:
         module.static_capacity, module.static_arena = steps, arena
     try:
@@ -345,21 +367,23 @@ def _weights_into_huge_pages(lm: LMModel) -> int:
 def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = False,
             packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
             pair_attention: bool = False, own_int8_kernel: bool = True,
-            half_kv_cache: bool = False, whole_layer: bool = True, in_huge_pages: bool = True) -> tp.Dict[str, int]:
+            half_kv_cache: bool = False, whole_layer: bool = True, in_huge_pages: bool = True,
+            int8_kv_cache: bool = False) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
     that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`; on this service's own
     kernel where `own_int8_kernel` and it loads, app/int8_kernel.py, else on fbgemm's); with both caches,
     give the layers app/lean_step.py's single-token step unless `lean_step` is False (same logits), its
     self-attention over long contexts on two cores with `pair_attention` (app/pair_attention.py), the static
-    cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits, and, with
-    `whole_layer`, the lean step of layers on both of this service's kernels (int8 products, fp16 cache) in one
+    cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits (in int8 with a scale a
+    row there with `int8_kv_cache` too, app/int8_kv_cache.py: `half_kv_cache` counts both), and, with
+    `whole_layer`, the lean step of layers on both of this service's kernels (int8 products, fp16 or int8 cache) in one
     C++ call (`lean_step`'s whole-layer step, within float rounding of its Python one). With `in_huge_pages`
     the weights of this service's int8 kernel, and on a CPU the static caches, are placed in huge pages
     (app/huge_pages.py; `huge_pages` counts the weights moved there; the same numbers). Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
     counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
-              "half_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
+              "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
     int8_weights = int8_weights and can_quantize()
     packed_weights = packed_weights or int8_weights  # int8 weights are packed for their kernels by nature
     pack: Packer = functools.partial(Int8Linear, own_kernel=own_int8_kernel) if int8_weights else PackedLinear
@@ -375,8 +399,9 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
             module.forward = types.MethodType(_static_forward, module)
             counts["static_kv_cache"] += 1
             if half_kv_cache and _half_cache_fits(module):
-                module.static_kv_dtype = half_attention.DTYPE
+                module.static_kv_dtype = int8_cache.DTYPE if int8_kv_cache else half_attention.DTYPE
                 counts["half_kv_cache"] += 1
+                counts["int8_kv_cache"] += int8_kv_cache
         else:
             continue
         if packed_weights and (int8_weights or can_pack(module.in_proj_weight)):

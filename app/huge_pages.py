@@ -53,20 +53,21 @@ def _carve(mapping: torch.Tensor, offset: int, shape: tp.Sequence[int], dtype: t
 class Arena:
     """Tensors carved one after another out of huge-page mappings.
 
-    The first mapping holds `expected` tensors of the first size asked for (a generation's caches: one per layer
-    for keys and one for values, all alike), later ones whatever is asked. A mapping is unmapped once the arena
-    and every tensor carved from it are gone. Without huge pages, `empty` is `torch.empty`.
+    The first mapping holds `expected` times the first size asked for (a generation's caches: one per layer for
+    keys and one for values, all alike, and int8 ones' scales, a fraction of them), later ones whatever is asked.
+    A mapping is unmapped once the arena and every tensor carved from it are gone. Without huge pages, `empty` is
+    `torch.empty`.
     """
 
-    def __init__(self, expected: int = 1):
-        self.expected = max(1, expected)
+    def __init__(self, expected: float = 1):
+        self.expected = max(1.0, expected)
         self.mapping: tp.Optional[torch.Tensor] = None
         self.used = 0
 
     def empty(self, shape: tp.Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         size = _round_up(math.prod(shape) * dtype.itemsize, ALIGN)
         if self.mapping is None or self.used + size > self.mapping.numel():
-            mapping = _mapping(size * (self.expected if self.mapping is None else 1))
+            mapping = _mapping(math.ceil(size * (self.expected if self.mapping is None else 1)))
             if mapping is None:
                 return torch.empty(shape, dtype=dtype)
             self.mapping, self.used = mapping, 0

@@ -10,8 +10,8 @@ conditioning, masks, training) goes through the layer's stock forward, which `fa
 The lean step calls the layer's submodules' `forward` directly: hooks registered on them do not run.
 The plan is taken at install, like packing: an LM converted or moved afterwards must be installed again.
 
-Where a layer runs on both of this service's C++ kernels (int8 products on its own kernel, fast_lm's fp16 cache)
-the whole step is one call, `whole_layer` (app/csrc/lean_layer.cpp): layer norms, cache writes, attention
+Where a layer runs on both of this service's C++ kernels (int8 products on its own kernel, fast_lm's fp16 or int8
+cache) the whole step is one call, `whole_layer` (app/csrc/lean_layer.cpp): layer norms, cache writes, attention
 (cross-attention too), residuals and the activation on raw rows, without a Python operator between the products.
 Its logits agree with the Python step's within float rounding, not bit for bit (its own layer norm, its own
 cross-attention kernel).
@@ -29,7 +29,7 @@ from audiocraft.modules.transformer import (
 )
 from torch.nn import functional as F
 
-from . import half_attention
+from . import half_attention, int8_kv_cache
 from .kernel_build import build
 from .pair_attention import PairAttention
 
@@ -71,6 +71,7 @@ class _Attention(tp.NamedTuple):
     as_float32: bool
     pair: tp.Optional[PairAttention] = None  # splits the batch across two cores over long contexts
     half: bool = False  # the self-attention cache is fast_lm's fp16 one (`half_kv_cache`)
+    int8: bool = False  # ... or its int8 one, with a scale per row (`int8_kv_cache`)
 
 
 class _Plan(tp.NamedTuple):
@@ -142,8 +143,10 @@ def _plan(layer: StreamingTransformerLayer, pair: tp.Optional[PairAttention]) ->
 
 def _whole_layer(layer: StreamingTransformerLayer, plan: _Plan) -> tp.Any:
     """The extension's `Layer` for a layer whose products all run on this service's int8 kernel, whose
-    self-attention cache is fp16 and whose attention runs torch's layout, in fp32, without layer scales; else None."""
-    if not plan.self_attention.half or any(scale is not None for scale in (plan.scale1, plan.scale_cross, plan.scale2)):
+    self-attention cache is fp16 or int8 and whose attention runs torch's layout, in fp32, without layer scales; else
+    None."""
+    own_cache = plan.self_attention.half or plan.self_attention.int8
+    if not own_cache or any(scale is not None for scale in (plan.scale1, plan.scale_cross, plan.scale2)):
         return None
     if layer.activation not in (F.relu, F.gelu):
         return None
@@ -196,14 +199,16 @@ def _attention(attn: StreamingMultiheadAttention, pair: tp.Optional[PairAttentio
     """The projections as fast_lm left them: packed (`_pack_attention`) or audiocraft's fused weight; `pair` where
     the attention runs torch's kernel (audiocraft's `memory_efficient`, what the released checkpoints use)."""
     project: Kernel
-    half = getattr(attn, "static_kv_dtype", None) == half_attention.DTYPE  # fast_lm's fp16 cache: its own kernel
+    dtype = getattr(attn, "static_kv_dtype", None)  # fast_lm's fp16 or int8 cache: this service's kernel
+    half, int8 = dtype == half_attention.DTYPE, dtype == int8_kv_cache.DTYPE
     if attn.in_proj_weight is None:
         project = attn.packed_query.forward if attn.cross_attention else attn.packed_in_proj.forward
     else:
         project = _Linear(attn.in_proj_weight, attn.in_proj_bias, attn.embed_dim if attn.cross_attention else None)
     return _Attention(attn, project, _kernel(attn.out_proj), attn.num_heads,
                       _get_attention_time_dimension(attn.memory_efficient), attn.memory_efficient,
-                      attn.attention_as_float32, pair if attn.memory_efficient and not half else None, half)
+                      attn.attention_as_float32, pair if attn.memory_efficient and not (half or int8) else None, half,
+                      int8)
 
 
 def _layer_forward(self: StreamingTransformerLayer, src: torch.Tensor, src_mask: tp.Any = None,
@@ -229,7 +234,8 @@ def _whole_step(plan: _Plan, x: torch.Tensor, length: int) -> torch.Tensor:
     if plan.cross_attention is not None:
         cross = plan.cross_attention.module._streaming_state
         cross_k, cross_v = cross["cross_k"], cross["cross_v"]
-    x = plan.whole.step(x, state["static_k"], state["static_v"], length, cross_k, cross_v)
+    x = plan.whole.step(x, state["static_k"], state["static_v"], length, cross_k, cross_v,
+                        state.get("static_k_scale"), state.get("static_v_scale"))
     state["static_length"] = length + 1
     return x
 
@@ -268,6 +274,14 @@ def _self_attention(attn: _Attention, x: torch.Tensor, length: int) -> torch.Ten
     q, k, v = torch.unbind(_heads(attn.project(x), attn, 3), dim=2)
     state, time_dim = attn.module._streaming_state, attn.time_dim
     keys, values = state["static_k"], state["static_v"]
+    if attn.int8:  # fast_lm's int8 cache (torch's layout: time_dim 2), on this service's kernel
+        scales = [state[name].narrow(2, 0, length + 1) for name in ("static_k_scale", "static_v_scale")]
+        int8_kv_cache.store(keys.narrow(2, length, 1), scales[0].narrow(2, length, 1), k)
+        int8_kv_cache.store(values.narrow(2, length, 1), scales[1].narrow(2, length, 1), v)
+        state["static_length"] = length + 1
+        attended = int8_kv_cache.attend(q.float(), keys.narrow(2, 0, length + 1), scales[0],
+                                        values.narrow(2, 0, length + 1), scales[1])
+        return _output(attn, attended, x.dtype)
     half_attention.store(keys.narrow(time_dim, length, 1), k)
     half_attention.store(values.narrow(time_dim, length, 1), v)
     state["static_length"] = length + 1

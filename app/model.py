@@ -54,6 +54,7 @@ class Speedups:
     parallel_attention: bool = False  # MUSICGEN_PARALLEL_ATTENTION (app/pair_attention.py)
     int8_kernel: bool = False  # MUSICGEN_INT8_KERNEL: int8-dynamic's products on app/int8_kernel.py, not fbgemm's
     half_kv_cache: bool = False  # MUSICGEN_HALF_KV_CACHE: the static cache in fp16 (app/half_attention.py)
+    int8_kv_cache: bool = False  # MUSICGEN_INT8_KV_CACHE: ... in int8 instead (app/int8_kv_cache.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Speedups":
@@ -63,13 +64,13 @@ class Speedups:
                               and threads.available_cores() >= 2)
         return cls(settings.precision, settings.cross_kv_cache, settings.static_kv_cache, settings.packed_weights,
                    settings.decoder_precision, settings.cuda_graph, parallel_attention, settings.int8_kernel,
-                   settings.half_kv_cache)
+                   settings.half_kv_cache, settings.int8_kv_cache)
 
     @property
     def on_cpu_only(self) -> bool:
         """Whether any speed-up that is checked on CPU only is asked for."""
         return (self.cross_kv_cache or self.static_kv_cache or self.packed_weights or self.parallel_attention
-                or self.half_kv_cache)
+                or self.half_kv_cache or self.int8_kv_cache)
 
 
 class MusicModel:
@@ -115,12 +116,14 @@ class MusicModel:
             # xformers kernels run unchanged until a GPU run checks them (docs/gpu-decoding-plan.md).
             log.info("decoding speed-ups are CPU-only for now: off on %s", device)
             speedups = dataclasses.replace(speedups, cross_kv_cache=False, static_kv_cache=False,
-                                           packed_weights=False, parallel_attention=False, half_kv_cache=False)
+                                           packed_weights=False, parallel_attention=False, half_kv_cache=False,
+                                           int8_kv_cache=False)
         resolved = lm_precision.apply(lm, speedups.precision, device)
         log.info("LM precision %s, decoding speed-ups %s", resolved, fast_lm.install(
             lm, speedups.cross_kv_cache, speedups.static_kv_cache, speedups.packed_weights,
             int8_weights=resolved == "int8-dynamic", pair_attention=speedups.parallel_attention,
-            own_int8_kernel=speedups.int8_kernel, half_kv_cache=speedups.half_kv_cache))
+            own_int8_kernel=speedups.int8_kernel, half_kv_cache=speedups.half_kv_cache,
+            int8_kv_cache=speedups.int8_kv_cache))
         log.info("EnCodec decoder precision %s",
                  decoder_codec.apply(self.musicgen.compression_model, speedups.decoder_precision, device))
         if speedups.cuda_graph and device.startswith("cuda"):

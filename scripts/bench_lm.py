@@ -32,6 +32,9 @@ DEFAULT_PYTHON_LAYER = DEFAULT + ", lean step in Python"
 DEFAULT_SMALL_PAGES = DEFAULT + ", 4 kB pages"
 # The default with its int8 products on fbgemm's kernels instead of app/int8_kernel.py's (MUSICGEN_INT8_KERNEL=0).
 DEFAULT_FBGEMM = DEFAULT + ", fbgemm's int8 kernels"
+# The default with its self-attention cache in fp16 (app/half_attention.py) instead of app/int8_kv_cache.py's int8
+# (MUSICGEN_INT8_KV_CACHE=0).
+DEFAULT_FP16_CACHE = DEFAULT + ", fp16 key/value cache"
 # The default with its self-attention cache in fp32 instead of app/half_attention.py's fp16 (MUSICGEN_HALF_KV_CACHE=0).
 DEFAULT_FP32_CACHE = DEFAULT + ", fp32 key/value cache"
 # The fp32-cache default without app/lean_step.py (audiocraft's layer forward over fast_lm's caches): what the lean
@@ -43,6 +46,7 @@ DEFAULT_ONE_CORE = DEFAULT_FP32_CACHE + ", attention on one core"
 # Whether the service splits attention across two cores here (a generation on one thread, a second core free).
 PAIR_ATTENTION = Speedups.from_settings(Settings()).parallel_attention
 HALF_KV_CACHE = Speedups.from_settings(Settings()).half_kv_cache
+INT8_KV_CACHE = Speedups.from_settings(Settings()).int8_kv_cache
 
 
 def _shared_copy(lm: LMModel) -> LMModel:
@@ -69,6 +73,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     int8_python_layer = _int8_default(stock, PAIR_ATTENTION, whole_layer=False)
     int8_small_pages = _int8_default(stock, PAIR_ATTENTION, in_huge_pages=False)
     int8_fbgemm = _int8_default(stock, PAIR_ATTENTION, own_kernel=False)
+    int8_fp16_cache = _int8_default(stock, PAIR_ATTENTION, int8_kv_cache=False)
     int8_fp32_cache = _int8_default(stock, PAIR_ATTENTION, half_kv_cache=False)
     int8_stock_layer = copy.deepcopy(stock)
     precision.apply(int8_stock_layer, "int8-dynamic", "cpu")
@@ -83,17 +88,18 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
             DEFAULT: int8, DEFAULT_PYTHON_LAYER: int8_python_layer, DEFAULT_SMALL_PAGES: int8_small_pages,
-            DEFAULT_FBGEMM: int8_fbgemm,
+            DEFAULT_FBGEMM: int8_fbgemm, DEFAULT_FP16_CACHE: int8_fp16_cache,
             DEFAULT_FP32_CACHE: int8_fp32_cache, DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
 def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True,
-                  half_kv_cache: bool = HALF_KV_CACHE, whole_layer: bool = True, in_huge_pages: bool = True) -> LMModel:
+                  half_kv_cache: bool = HALF_KV_CACHE, whole_layer: bool = True, in_huge_pages: bool = True,
+                  int8_kv_cache: bool = INT8_KV_CACHE) -> LMModel:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention,
                     own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache, whole_layer=whole_layer,
-                    in_huge_pages=in_huge_pages)
+                    in_huge_pages=in_huge_pages, int8_kv_cache=int8_kv_cache)
     return int8
 
 
@@ -226,7 +232,7 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
                                                 DEFAULT_PYTHON_LAYER, DEFAULT_SMALL_PAGES, DEFAULT_FBGEMM,
-                                                DEFAULT_FP32_CACHE, DEFAULT_STOCK_LAYER)}
+                                                DEFAULT_FP16_CACHE, DEFAULT_FP32_CACHE, DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
@@ -235,6 +241,27 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     if PAIR_ATTENTION:
         one_core = _int8_default(variants[STOCK], pair_attention=False, half_kv_cache=False)
         out["pair_attention"] = pair_attention_comparison(variants[DEFAULT_FP32_CACHE], one_core, cond)
+    if INT8_KV_CACHE:
+        out["int8_cache"] = cache_comparison(variants[DEFAULT], variants[DEFAULT_FP16_CACHE], cond)
+    return out
+
+
+def cache_comparison(int8: LMModel, fp16: LMModel, cond: tp.Dict[str, tp.Any],
+                     contexts: tp.Sequence[int] = (250, 750, 1400), steps: int = 40) -> tp.Dict[str, tp.Any]:
+    """The default (int8 key/value cache) and the fp16 cache stepping in turn at each context (paired per step),
+    on this run's threads and on every core (a whole clip's threads where nothing else runs): median ms/step and the
+    median of the fp16 cache's time / the int8 cache's."""
+    out: tp.Dict[str, tp.Any] = {"steps": steps, "fp16": DEFAULT_FP16_CACHE}
+    threads = torch.get_num_threads()
+    for count in sorted({threads, len(os.sched_getaffinity(0))}):
+        torch.set_num_threads(count)
+        try:
+            out[f"{count}_threads"] = {}
+            for context in contexts:
+                medians, ratio = _interleaved({"int8": int8, "fp16": fp16}, cond, context, steps)
+                out[f"{count}_threads"][context] = {**medians, "fp16_over_int8": ratio}
+        finally:
+            torch.set_num_threads(threads)
     return out
 
 
@@ -245,13 +272,17 @@ def pair_attention_comparison(paired: LMModel, one_core: LMModel, cond: tp.Dict[
     out: tp.Dict[str, tp.Any] = {"steps": steps, "one_core": DEFAULT_ONE_CORE}
     for phase in ("quiet", "with_hogs"):
         with hogs(len(os.sched_getaffinity(0))) if phase == "with_hogs" else contextlib.nullcontext():
-            out[phase] = {context: _interleaved({"pair": paired, "one_core": one_core}, cond, context, steps)
-                          for context in contexts}
+            out[phase] = {}
+            for context in contexts:
+                medians, ratio = _interleaved({"pair": paired, "one_core": one_core}, cond, context, steps)
+                out[phase][context] = {**medians, "one_core_over_pair": ratio}
     return out
 
 
 def _interleaved(lms: tp.Dict[str, LMModel], cond: tp.Dict[str, tp.Any], context: int,
-                 steps: int) -> tp.Dict[str, float]:
+                 steps: int) -> tp.Tuple[tp.Dict[str, float], float]:
+    """Two LMs prefilled with `context` tokens, then stepping in turn (which goes first alternates): each one's
+    median ms/step, and the median over steps of the second's time / the first's."""
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps),
                            generator=torch.Generator().manual_seed(context))
     times: tp.Dict[str, tp.List[float]] = {name: [] for name in lms}
@@ -263,13 +294,14 @@ def _interleaved(lms: tp.Dict[str, LMModel], cond: tp.Dict[str, tp.Any], context
             stack.enter_context(lm.streaming())
             lm(tokens[..., :context], [], condition_tensors=cond)
         for i in range(context, context + steps):
-            for name, lm in lms.items():
+            for name, lm in list(lms.items())[::1 if i % 2 else -1]:
                 t = time.perf_counter()
                 lm(tokens[..., i: i + 1], [], condition_tensors=cond)
                 times[name].append(time.perf_counter() - t)
-    ratios = [one / pair for one, pair in zip(times["one_core"], times["pair"], strict=True)]
-    return {**{f"{name}_ms": round(1000 * statistics.median(ts), 1) for name, ts in times.items()},
-            "one_core_over_pair": round(statistics.median(ratios), 3)}
+    first, second = times.values()
+    ratios = [b / a for a, b in zip(first, second, strict=True)]
+    return ({f"{name}_ms": round(1000 * statistics.median(ts), 1) for name, ts in times.items()},
+            round(statistics.median(ratios), 3))
 
 
 def _at_context(lm: LMModel, cond: tp.Dict[str, tp.Any], tokens: torch.Tensor, context: int) -> tp.Dict[str, float]:
@@ -334,7 +366,7 @@ def peaked_drift(steps: int, head_scale: float) -> tp.Dict[str, tp.Any]:
     the same tokens, one step at a time, as in `lm_step_comparison`."""
     chosen = {name: lm for name, lm in audiocraft_variants(head_scale).items()
               if name in (STOCK, BF16_DEFAULT, "bf16-autocast + cross-KV + static KV", DEFAULT, DEFAULT_PYTHON_LAYER,
-                          DEFAULT_FP32_CACHE)}
+                          DEFAULT_FP16_CACHE, DEFAULT_FP32_CACHE)}
     cond = conditions(chosen[STOCK])
     torch.manual_seed(0)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (1, 4, steps))

@@ -113,6 +113,17 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                [[context, phase.replace("_", " "), v["pair_ms"], v["one_core_ms"], v["one_core_over_pair"]]
                 for phase in ("quiet", "with_hogs") for context, v in pair[phase].items()]),
         ""]
+    cache = probe.get("int8_cache")
+    int8_cache = [] if cache is None else [
+        f"The default's self-attention cache in int8 (app/int8_kv_cache.py) and in fp16 (\"{cache['fp16']}\"), "
+        f"stepping in turn (which goes first alternates), {cache['steps']} steps at each context, on this run's "
+        "threads and on every core (a whole clip's threads where nothing else runs); the last column is the median "
+        "over steps of the fp16 cache's time / the int8 cache's:",
+        "",
+        _table(["context", "threads", "int8 ms/step", "fp16 ms/step", "fp16 / int8"],
+               [[context, key.split("_")[0], v["int8_ms"], v["fp16_ms"], v["fp16_over_int8"]]
+                for key in sorted(k for k in cache if k.endswith("_threads")) for context, v in cache[key].items()]),
+        ""]
     return [
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
@@ -120,6 +131,7 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                [[name, v["prefill_ms_per_token"], v["ms_per_step_at_context"]]
                 for name, v in probe["variants"].items()]),
         "",
+        *int8_cache,
         *split,
         "## LM seconds per second of audio, musicgen-small size, 1 to 60 s (extrapolated; plot, left)",
         "",

@@ -75,11 +75,11 @@ def test_install_reports_what_it_reached_and_stock_is_untouched():
     layers = len(mg.lm.transformer.layers)
     assert fast_lm.install(fast.lm, cross_kv_cache=True, static_kv_cache=True) == {
         "cross_kv_cache": layers, "static_kv_cache": layers, "packed_weights": 0, "lean_step": layers,
-        "pair_attention": 0, "half_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
+        "pair_attention": 0, "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
     assert not any(hasattr(m, "cross_kv_computed") for m in mg.lm.modules())
     assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {
         "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
-        "half_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
+        "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
     # The debug model attends through audiocraft's einsum path, which the helper does not split.
     assert fast_lm.install(copy.deepcopy(mg).lm, True, True, pair_attention=True)["pair_attention"] == 0
 
@@ -103,17 +103,23 @@ def next_token_distributions(mg: MusicGen, steps: int = 16) -> torch.Tensor:
 def lowered(mg: MusicGen, name: str) -> MusicGen:
     """A copy of `mg` at precision `name` ("-packed": with packed weights, on by default; "-fbgemm": int8 on
     fbgemm's kernels, not app/int8_kernel.py's; "-fp16-cache": the self-attention cache in fp16, and with int8 on
-    this service's kernels the whole-layer step: the CPU default), as MusicModel.load builds it."""
+    this service's kernels the whole-layer step: the CPU default; "-int8-cache": that cache in int8 instead), as
+    MusicModel.load builds it."""
     low = copy.deepcopy(mg)
-    packed, fbgemm, half = (name.endswith(suffix) for suffix in ("-packed", "-fbgemm", "-fp16-cache"))
-    name = name.removesuffix("-packed").removesuffix("-fbgemm").removesuffix("-fp16-cache")
+    suffixes = ("-packed", "-fbgemm", "-fp16-cache", "-int8-cache")
+    packed, fbgemm, half, int8_cache = (name.endswith(suffix) for suffix in suffixes)
+    for suffix in suffixes:
+        name = name.removesuffix(suffix)
     assert precision.apply(low.lm, name, "cpu") == name
     int8 = name == "int8-dynamic"
-    if packed or int8 or half:  # int8 weights are packed whatever MUSICGEN_PACKED_WEIGHTS says
+    if packed or int8 or half or int8_cache:  # int8 weights are packed whatever MUSICGEN_PACKED_WEIGHTS says
         counts = fast_lm.install(low.lm, True, True, packed_weights=packed, int8_weights=int8,
-                                 own_int8_kernel=not fbgemm, half_kv_cache=half)
+                                 own_int8_kernel=not fbgemm, half_kv_cache=half or int8_cache,
+                                 int8_kv_cache=int8_cache)
         assert counts["packed_weights"] > 0 or not (packed or int8)
-        assert counts["whole_layer"] == (len(low.lm.transformer.layers) if half and int8 else 0)
+        layers = len(low.lm.transformer.layers)
+        assert counts["whole_layer"] == (layers if (half or int8_cache) and int8 else 0)
+        assert counts["int8_kv_cache"] == (layers if int8_cache else 0)
     return low
 
 
@@ -125,9 +131,9 @@ def drift(reference: torch.Tensor, logp: torch.Tensor) -> tp.Tuple[float, float]
 
 
 @pytest.mark.parametrize("name", ["bf16", "bf16-autocast", "int8-dynamic", "int8-dynamic-fbgemm", "bf16-packed",
-                                  "bf16-autocast-packed", "int8-dynamic-fp16-cache"])
+                                  "bf16-autocast-packed", "int8-dynamic-fp16-cache", "int8-dynamic-int8-cache"])
 def test_lower_precision_stays_close_to_fp32(name):
-    if name.endswith("-fp16-cache"):
+    if name.endswith("-cache"):
         skip_without_kernels("the cache stays fp32")
     stock = musicgen(SMALL)
     kl, agreement = drift(next_token_distributions(stock), next_token_distributions(lowered(stock, name)))
@@ -144,11 +150,12 @@ def sharpened(mg: MusicGen, factor: float) -> MusicGen:
     return sharp
 
 
-@pytest.mark.parametrize("name", ["bf16-packed", "int8-dynamic", "int8-dynamic-fbgemm", "int8-dynamic-fp16-cache"])
+@pytest.mark.parametrize("name", ["bf16-packed", "int8-dynamic", "int8-dynamic-fbgemm", "int8-dynamic-fp16-cache",
+                                  "int8-dynamic-int8-cache"])
 def test_lower_precision_stays_close_to_fp32_on_peaked_distributions(name):
     """The CPU defaults (int8-dynamic with VNNI, else bf16) on distributions as peaked as a trained model's: the
     most likely token keeps ~0.7 of the mass on average here, and the drift stays small."""
-    if name.endswith("-fp16-cache"):
+    if name.endswith("-cache"):
         skip_without_kernels("the cache stays fp32")
     stock = sharpened(musicgen(SMALL), 12.0)
     reference = next_token_distributions(stock)
@@ -223,6 +230,6 @@ def test_server_runs_the_default_speedups(idle_server):
                        and huge_pages._mapping(1) is not None) else 0
     assert (f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, 'static_kv_cache': {layers}, "
             f"'packed_weights': {packed}, 'lean_step': {layers}, 'pair_attention': 0, 'half_kv_cache': 0, "
-            f"'whole_layer': 0, 'huge_pages': {moved}}}") in idle_server.output()
+            f"'int8_kv_cache': 0, 'whole_layer': 0, 'huge_pages': {moved}}}") in idle_server.output()
     # The debug model attends through audiocraft's einsum path, with heads of 4 floats: neither the pair's split nor
     # the fp16 cache takes it.

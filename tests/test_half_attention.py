@@ -44,10 +44,15 @@ def test_it_attends_as_torch_does_over_the_same_values(kernel, depth, keys, spre
 def test_it_refuses_what_it_cannot_take(kernel):
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 3, 8).half()
     assert not half_attention.fits(8) and half_attention.fits(64) and not half_attention.fits(272)
-    with pytest.raises(RuntimeError, match="attend: shapes"):
+    with pytest.raises(RuntimeError, match="depth a multiple of 16"):
         half_attention.attend(q, k, k)
-    with pytest.raises(RuntimeError, match="float query, half keys"):
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 3, 16).half()
+    with pytest.raises(RuntimeError, match="attend: shapes"):
+        half_attention.attend(q, k, k[:, :, :2])
+    with pytest.raises(RuntimeError, match="half, or int8 with scales"):
         half_attention.attend(q, k.float(), k.float())
+    with pytest.raises(RuntimeError, match="float query"):
+        half_attention.attend(q.half(), k, k)
 
 
 def test_keys_and_values_beyond_fp16s_range_saturate_instead_of_poisoning_the_head(kernel):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from app import debug_models, fast_lm, half_attention, huge_pages, lean_step, precision
+from app import debug_models, fast_lm, half_attention, huge_pages, int8_kv_cache, lean_step, precision
 from tests.helpers import Server, built_kernels, events, generate
 from tests.test_fast_lm import SMALL, drift, greedy_tokens, musicgen, next_token_distributions, sharpened
 from tests.test_lean_step import conditions
@@ -33,7 +33,8 @@ class Counted:
 
 
 def int8_default(stock, whole_layer: bool = True, activation: tp.Any = None, **install: tp.Any):
-    """A copy of `stock` (a MusicGen) as the CPU default builds it: int8 on this service's kernel, fp16 cache."""
+    """A copy of `stock` (a MusicGen) as the CPU default builds it but with the fp16 cache (`int8_kv_cache=True`:
+    the default's int8 one): int8 products on this service's kernel."""
     mg = copy.deepcopy(stock)
     if activation is not None:
         for layer in mg.lm.transformer.layers:
@@ -53,11 +54,16 @@ def counted(mg) -> tp.List[Counted]:
     return plans
 
 
+CACHES = pytest.mark.parametrize("int8_cache", [False, True], ids=["fp16-cache", "int8-cache"])
+
+
+@CACHES
 @pytest.mark.parametrize("activation", [F.relu, F.gelu], ids=["relu", "gelu"])
 @pytest.mark.parametrize("sharpness", [1.0, 12.0], ids=["random", "peaked"])
-def test_next_tokens_are_the_python_steps_within_rounding(kernels, activation, sharpness):
+def test_next_tokens_are_the_python_steps_within_rounding(kernels, activation, sharpness, int8_cache):
     stock = sharpened(musicgen(SMALL), sharpness)
-    (whole, counts), (python, python_counts) = (int8_default(stock, flag, activation) for flag in (True, False))
+    (whole, counts), (python, python_counts) = (int8_default(stock, flag, activation, int8_kv_cache=int8_cache)
+                                                for flag in (True, False))
     layers = len(stock.lm.transformer.layers)
     assert (counts["whole_layer"], python_counts["whole_layer"]) == (layers, 0)
     steps = counted(whole)
@@ -70,7 +76,8 @@ def test_next_tokens_are_the_python_steps_within_rounding(kernels, activation, s
 
 
 def cache_after(mg, steps: int) -> tp.Tuple[torch.Tensor, torch.Tensor, tp.List[int]]:
-    """A middle layer's self-attention keys and values after `steps` single steps, and every layer's length."""
+    """A middle layer's self-attention keys and values after `steps` single steps (an int8 cache's as the fp32
+    numbers it holds), and every layer's length."""
     lm = mg.lm
     tokens = torch.randint(0, lm.card, (2, lm.num_codebooks, steps), generator=torch.Generator().manual_seed(0))
     cond = conditions(lm)
@@ -79,26 +86,34 @@ def cache_after(mg, steps: int) -> tp.Tuple[torch.Tensor, torch.Tensor, tp.List[
             lm(tokens[..., step: step + 1], [], condition_tensors=cond)
         state = lm.transformer.layers[1].self_attn._streaming_state
         lengths = [int(layer.self_attn._streaming_state["static_length"]) for layer in lm.transformer.layers]
-        return state["static_k"].clone(), state["static_v"].clone(), lengths
+        keys, values = state["static_k"], state["static_v"]
+        if keys.dtype == int8_kv_cache.DTYPE:
+            keys, values = (int8_kv_cache.dequantize(state[name], state[name + "_scale"])
+                            for name in ("static_k", "static_v"))
+        return keys.clone(), values.clone(), lengths
 
 
-def test_it_writes_the_cache_as_the_python_step_does(kernels):
+@CACHES
+def test_it_writes_the_cache_as_the_python_step_does(kernels, int8_cache):
     stock = musicgen(SMALL)
-    (whole, _), (python, _) = (int8_default(stock, flag) for flag in (True, False))
+    (whole, _), (python, _) = (int8_default(stock, flag, int8_kv_cache=int8_cache) for flag in (True, False))
+    assert {layer.self_attn.static_kv_dtype for layer in whole.lm.transformer.layers} == {
+        int8_kv_cache.DTYPE if int8_cache else half_attention.DTYPE}
     (keys, values, lengths), (python_keys, python_values, python_lengths) = (cache_after(mg, 6)
                                                                              for mg in (whole, python))
     assert lengths == python_lengths == [6] * len(lengths)
     for got, expected in ((keys, python_keys), (values, python_values)):
-        assert got.dtype == torch.float16 and not torch.equal(got[:, :, :6], torch.zeros_like(got[:, :, :6]))
+        assert not torch.equal(got[:, :, :6], torch.zeros_like(got[:, :, :6]))
         got, expected = got[:, :, :6].float(), expected[:, :, :6].float()
         assert torch.allclose(got, expected, atol=0.02, rtol=0.01), (got - expected).abs().max()
 
 
-def test_generations_with_a_prompt_windows_and_a_grown_cache(kernels):
+@CACHES
+def test_generations_with_a_prompt_windows_and_a_grown_cache(kernels, int8_cache):
     """Each window re-reads the last as a prompt (the stock forward), the cache grows mid-generation: the whole
     step takes every steady step and greedy tokens stay the Python step's."""
     stock = musicgen(SMALL)
-    (whole, _), (python, _) = (int8_default(stock, flag) for flag in (True, False))
+    (whole, _), (python, _) = (int8_default(stock, flag, int8_kv_cache=int8_cache) for flag in (True, False))
     expected = greedy_tokens(python, 2.0, max_duration=1.0)
     steps = counted(whole)
     got = greedy_tokens(whole, 2.0, max_duration=1.0)
@@ -130,10 +145,16 @@ def test_it_refuses_what_it_cannot_take(kernels):
     cross = torch.zeros(2, heads, 3, depth)
     x = torch.randn(2, 1, dim)
     assert whole.step(x, keys, keys.clone(), 7, cross, cross).shape == (2, 1, dim)
-    with pytest.raises(RuntimeError, match="the fp16 cache"):
+    with pytest.raises(RuntimeError, match="the cache's shape"):
         whole.step(x, keys, keys.clone(), 8, cross, cross)  # no room left at 8
-    with pytest.raises(RuntimeError, match="the fp16 cache"):
+    with pytest.raises(RuntimeError, match="half, or int8 with scales"):
         whole.step(x, keys.float(), keys.float(), 0, cross, cross)
+    int8_keys, scales = torch.zeros(keys.shape, dtype=torch.int8), torch.zeros(keys.shape[:-1])
+    assert whole.step(x, int8_keys, int8_keys.clone(), 7, cross, cross, scales, scales.clone()).shape == (2, 1, dim)
+    with pytest.raises(RuntimeError, match="an int8 cache needs its scales"):
+        whole.step(x, int8_keys, int8_keys.clone(), 0, cross, cross)
+    with pytest.raises(RuntimeError, match="an int8 cache needs its scales"):  # scales of another length
+        whole.step(x, int8_keys, int8_keys.clone(), 0, cross, cross, scales[..., :3], scales[..., :3])
     with pytest.raises(RuntimeError, match="cross-attention keys and values where"):
         whole.step(x, keys, keys.clone(), 0, None, None)
     with pytest.raises(RuntimeError, match=r"float \[batch, 1, dim\]"):
@@ -194,4 +215,5 @@ def test_the_default_server_decodes_musicgen_small_on_it(kernels):
             last = list(events(response))[-1]
         assert last["event"] == "completed", last
         moved = 6 * layers + 4 if huge_pages._mapping(1) is not None else 0  # + the 4 output heads
-        assert f"'half_kv_cache': {layers}, 'whole_layer': {layers}, 'huge_pages': {moved}}}" in server.output()
+        assert (f"'half_kv_cache': {layers}, 'int8_kv_cache': {layers}, 'whole_layer': {layers}, "
+                f"'huge_pages': {moved}}}") in server.output()

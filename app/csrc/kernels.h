@@ -1,7 +1,8 @@
 // This service's CPU kernels (app/kernel_build.py builds them as one extension; module.cpp binds them to Python).
 //
 // int8_linear.cpp: int8 weights x int8 activations, the products of a decoding step (app/int8_kernel.py).
-// attention.cpp:   one query's attention over an fp16 (or fp32) key/value cache (app/half_attention.py).
+// attention.cpp:   one query's attention over an fp16 or int8 (or fp32) key/value cache (app/half_attention.py,
+//                  app/int8_kv_cache.py).
 // lean_layer.cpp:  a whole transformer layer's decoding step on those two (app/lean_step.py).
 //
 // Every file is compiled with AVX512 (F, BW, VL, DQ), VNNI and F16C enabled; the loader checks the CPU first.
@@ -30,22 +31,34 @@ void linear_rows(const float* x, int64_t rows, int64_t k, const at::Tensor& pack
                  const at::Tensor& weight_scale, const at::Tensor& weight_sums, const float* bias,
                  const float* residual, float* y);
 
-// float [B, H, 1, D] queries over half [B, H, N, D] keys and values -> float [B, H, 1, D].
-at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values);
+// float [B, H, 1, D] queries over half [B, H, N, D] keys and values -> float [B, H, 1, D]; or over int8 keys and
+// values, each row times its scale (float [B, H, N], the last dimension contiguous).
+at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                  const c10::optional<at::Tensor>& key_scales, const c10::optional<at::Tensor>& value_scales);
 
-// A [B, H, N, D] tensor's rows, the last dimension contiguous.
+// A [B, H, N, D] tensor's rows, the last dimension contiguous; for int8 rows, their scales: [B, H, N] floats with
+// the last dimension contiguous (a row's values are its int8 numbers times its scale).
 template <typename T>
 struct Rows {
   const T* data;
   int64_t batch, head, time;  // strides, in elements
+  const float* scale = nullptr;
+  int64_t scale_batch = 0, scale_head = 0;
 
   explicit Rows(const at::Tensor& x)
       : data(x.data_ptr<T>()), batch(x.stride(0)), head(x.stride(1)), time(x.stride(2)) {}
+  Rows(const at::Tensor& x, const at::Tensor& scales)
+      : Rows(x) {
+    scale = scales.data_ptr<float>();
+    scale_batch = scales.stride(0);
+    scale_head = scales.stride(1);
+  }
 };
 
 // One query per batch row and head over `n` keys and values: query b, head h at q + b * q_batch + h * depth;
 // output likewise at out + b * out_batch + h * depth (softmax(q k^T / sqrt(depth)) v, all in fp32).
-// T is at::Half (converted as read) or float; depth a multiple of 16, at most 256.
+// T is at::Half (converted as read), int8_t (converted, times its row's scale) or float; depth a multiple of 16,
+// at most 256.
 template <typename T>
 void attend_heads(const float* q, int64_t q_batch, Rows<T> keys, Rows<T> values, int64_t batch, int64_t heads,
                   int64_t n, int64_t depth, float* out, int64_t out_batch);
@@ -53,9 +66,16 @@ void attend_heads(const float* q, int64_t q_batch, Rows<T> keys, Rows<T> values,
 // Rows `x` (b at x + b * x_batch + h * depth) into a half cache's position `at`, saturated at fp16's range.
 void store_half(const float* x, int64_t x_batch, const at::Tensor& cache, int64_t at);
 
+// The same rows into an int8 cache's position `at`, each as its nearest int8 multiples of its own scale (its
+// largest magnitude / 127, after the same saturation; 0 for a row of zeros), written into `scales` [B, H, N].
+void store_int8(const float* x, int64_t x_batch, const at::Tensor& cache, const at::Tensor& scales, int64_t at);
+
+// Checks a [B, H, N, D] cache (half, or int8 with `scales`) for the kernels above; `what` names it in the error.
+void check_cache(const at::Tensor& cache, const c10::optional<at::Tensor>& scales, const char* what);
+
 // A pre-norm transformer layer's decoding step for one new token (audiocraft's StreamingTransformerLayer as
-// app/lean_step.py runs it): int8 products, self-attention over an fp16 cache, cross-attention over fp32 keys and
-// values, layer norms, residuals and the feed-forward activation, in one call.
+// app/lean_step.py runs it): int8 products, self-attention over an fp16 or int8 cache, cross-attention over fp32 keys
+// and values, layer norms, residuals and the feed-forward activation, in one call.
 class Layer {
  public:
   using Norm = std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, double>;  // weight, bias, eps
@@ -67,11 +87,12 @@ class Layer {
         c10::optional<Norm> norm_cross, c10::optional<Product> cross_in, c10::optional<Product> cross_out,
         Norm norm2, Product linear1, Product linear2);
 
-  // x: float [B, 1, dim]; keys, values: half [B, heads, capacity, dim / heads], the new token's written at
-  // `length` (< capacity); cross keys/values: float [B, heads, S, dim / heads]. Returns the layer's output.
+  // x: float [B, 1, dim]; keys, values: half [B, heads, capacity, dim / heads], or int8 with their scales (float
+  // [B, heads, capacity]), the new token's written at `length` (< capacity); cross keys/values: float
+  // [B, heads, S, dim / heads]. Returns the layer's output.
   at::Tensor step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values, int64_t length,
-                  const c10::optional<at::Tensor>& cross_keys,
-                  const c10::optional<at::Tensor>& cross_values) const;
+                  const c10::optional<at::Tensor>& cross_keys, const c10::optional<at::Tensor>& cross_values,
+                  const c10::optional<at::Tensor>& key_scales, const c10::optional<at::Tensor>& value_scales) const;
 
  private:
   int64_t heads_;

@@ -3,7 +3,7 @@
 // With its products on the int8 kernel and its attention on the cache kernel, what a step spent between them in
 // Python and small torch operators (layer norms, views, casts, cache writes, residual additions, a dispatch of each)
 // was about a fifth of the step on two cores. Here the layer runs on raw rows: a layer norm into a scratch row, a
-// product, the new key and value written into the fp16 cache, attention, the output product added onto the
+// product, the new key and value written into the fp16 (or int8) cache, attention, the output product added onto the
 // residual in its epilogue, and so on. The same maths as the layer's stock forward, in fp32 between the int8
 // products: audiocraft's StreamingTransformerLayer with norm_first, no layer scale, no dropout (inference).
 
@@ -99,17 +99,19 @@ Layer::Layer(int64_t heads, const std::string& activation, Norm norm1, Product s
               "Layer: shapes");
 }
 
-at::Tensor Layer::step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
-                       int64_t length, const c10::optional<at::Tensor>& cross_keys,
-                       const c10::optional<at::Tensor>& cross_values) const {
+at::Tensor Layer::step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                       const c10::optional<at::Tensor>& cross_keys, const c10::optional<at::Tensor>& cross_values,
+                       const c10::optional<at::Tensor>& key_scales,
+                       const c10::optional<at::Tensor>& value_scales) const {
   const int64_t dim = outputs(self_out_), depth = dim / heads_, hidden = outputs(linear1_);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.size(2) == dim,
               "Layer.step: float [batch, 1, dim]");
   const int64_t batch = x.size(0);
+  check_cache(keys, key_scales, "Layer.step: the keys");
+  check_cache(values, value_scales, "Layer.step: the values");
   for (const auto& cache : {keys, values}) {
-    TORCH_CHECK(cache.scalar_type() == at::kHalf && cache.dim() == 4 && cache.size(0) == batch &&
-                    cache.size(1) == heads_ && cache.size(3) == depth && cache.stride(3) == 1 &&
-                    0 <= length && length < cache.size(2), "Layer.step: the fp16 cache");
+    TORCH_CHECK(cache.scalar_type() == keys.scalar_type() && cache.size(0) == batch && cache.size(1) == heads_ &&
+                    cache.size(3) == depth && 0 <= length && length < cache.size(2), "Layer.step: the cache's shape");
   }
   TORCH_CHECK(cross_keys.has_value() == cross_in_.has_value() && cross_values.has_value() == cross_in_.has_value(),
               "Layer.step: cross-attention keys and values where the layer has cross-attention");
@@ -127,10 +129,17 @@ at::Tensor Layer::step(const at::Tensor& x, const at::Tensor& keys, const at::Te
 
   layer_norm(input.data_ptr<float>(), batch, dim, norm1_, normed.data());
   product(self_in_, normed.data(), batch, dim, projected.data());  // per row: q, k, v, each (heads, depth)
-  store_half(projected.data() + dim, 3 * dim, keys, length);
-  store_half(projected.data() + 2 * dim, 3 * dim, values, length);
-  attend_heads(projected.data(), 3 * dim, Rows<at::Half>(keys), Rows<at::Half>(values), batch, heads_, length + 1,
-               depth, attended.data(), dim);
+  if (keys.scalar_type() == at::kChar) {
+    store_int8(projected.data() + dim, 3 * dim, keys, *key_scales, length);
+    store_int8(projected.data() + 2 * dim, 3 * dim, values, *value_scales, length);
+    attend_heads(projected.data(), 3 * dim, Rows<int8_t>(keys, *key_scales), Rows<int8_t>(values, *value_scales),
+                 batch, heads_, length + 1, depth, attended.data(), dim);
+  } else {
+    store_half(projected.data() + dim, 3 * dim, keys, length);
+    store_half(projected.data() + 2 * dim, 3 * dim, values, length);
+    attend_heads(projected.data(), 3 * dim, Rows<at::Half>(keys), Rows<at::Half>(values), batch, heads_,
+                 length + 1, depth, attended.data(), dim);
+  }
   product(self_out_, attended.data(), batch, dim, residual, input.data_ptr<float>());
 
   if (cross_in_) {

@@ -9,11 +9,16 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &musicgen::pack, "int8 [N, K] -> the int8 kernel's layout");
   m.def("linear", &musicgen::linear, "float input x packed int8 weight -> float");
-  m.def("attend", &musicgen::attend, "one query's attention over fp16 keys and values -> float");
+  m.def("attend", &musicgen::attend, "one query's attention over fp16 keys and values, or int8 ones with scales",
+        pybind11::arg("query"), pybind11::arg("keys"), pybind11::arg("values"),
+        pybind11::arg("key_scales") = pybind11::none(), pybind11::arg("value_scales") = pybind11::none());
   pybind11::class_<musicgen::Layer>(m, "Layer")
       .def(pybind11::init<int64_t, const std::string&, musicgen::Layer::Norm, musicgen::Layer::Product,
                           musicgen::Layer::Product, c10::optional<musicgen::Layer::Norm>,
                           c10::optional<musicgen::Layer::Product>, c10::optional<musicgen::Layer::Product>,
                           musicgen::Layer::Norm, musicgen::Layer::Product, musicgen::Layer::Product>())
-      .def("step", &musicgen::Layer::step, "the layer's decoding step for one new token");
+      .def("step", &musicgen::Layer::step, "the layer's decoding step for one new token", pybind11::arg("x"),
+           pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("length"), pybind11::arg("cross_keys"),
+           pybind11::arg("cross_values"), pybind11::arg("key_scales") = pybind11::none(),
+           pybind11::arg("value_scales") = pybind11::none());
 }
