@@ -108,8 +108,8 @@ def test_the_int8_kernels_weights_and_each_generations_caches_are_in_huge_pages(
     plain, counts = int8_musicgen(in_huge_pages=False)
     assert counts["huge_pages"] == 0
     assert torch.equal(greedy_tokens(plain, 2.0, max_duration=1.0), tokens)
-    if "[madvise]" in THP.read_text():  # with THP `always`, torch's own memory may be in huge pages too (CI's is)
-        assert huge_bytes(next(m for m in plain.lm.modules() if isinstance(m, Int8Linear)).packed) == 0
+    # (Where the plain LM's weights land is torch's and the kernel's affair: under THP `always`, CI's, large blocks of
+    # torch's get huge pages too, and even under `madvise` a fresh clone's run once found them in a mapping that had.)
 
 
 def test_a_cache_made_outside_a_generation_is_in_huge_pages_too(thp, kernels):
