@@ -276,7 +276,7 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
     if int8:
         for name, x in (("static_k", k), ("static_v", v)):
             int8_cache.store(state[name].narrow(time_dim, length, new),
-                                state[name + "_scale"].narrow(time_dim, length, new), x)
+                             state[name + "_scale"].narrow(time_dim, length, new), x)
     else:
         half_attention.store(state["static_k"].narrow(time_dim, length, new), k)
         half_attention.store(state["static_v"].narrow(time_dim, length, new), v)

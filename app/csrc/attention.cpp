@@ -235,7 +235,7 @@ void store_int8(const float* x, int64_t x_batch, const at::Tensor& cache, const 
         v[c] = _mm512_min_ps(high, _mm512_max_ps(low, _mm512_loadu_ps(src + c * kLanes)));
         largest = _mm512_max_ps(largest, _mm512_abs_ps(v[c]));
       }
-      // x / scale, rounded to nearest even: as app/int8_kv_cache.py's `quantize`, bit for bit.
+      // x / scale, rounded to nearest even: the operations of app/int8_kv_cache.py's `quantize`, in the same order.
       const float scale = _mm512_reduce_max_ps(largest) / 127.f;
       const __m512 divisor = _mm512_set1_ps(scale > 0.f ? scale : 1.f);
       int8_t* dst = base + b * cache.stride(0) + h * cache.stride(1);
