@@ -276,8 +276,8 @@ def _self_attention(attn: _Attention, x: torch.Tensor, length: int) -> torch.Ten
     keys, values = state["static_k"], state["static_v"]
     if attn.int8:  # fast_lm's int8 cache (torch's layout: time_dim 2), on this service's kernel
         scales = [state[name].narrow(2, 0, length + 1) for name in ("static_k_scale", "static_v_scale")]
-        int8_kv_cache.store(keys.narrow(2, length, 1), scales[0].narrow(2, length, 1), k)
-        int8_kv_cache.store(values.narrow(2, length, 1), scales[1].narrow(2, length, 1), v)
+        int8_kv_cache.write(keys, state["static_k_scale"], length, k)
+        int8_kv_cache.write(values, state["static_v_scale"], length, v)
         state["static_length"] = length + 1
         attended = int8_kv_cache.attend(q.float(), keys.narrow(2, 0, length + 1), scales[0],
                                         values.narrow(2, 0, length + 1), scales[1])

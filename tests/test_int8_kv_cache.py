@@ -85,6 +85,25 @@ def _state(mg, layer: int = 1) -> dict:
     return mg.lm.transformer.layers[layer].self_attn._streaming_state
 
 
+def test_the_kernels_write_is_torchs_bit_for_bit(kernel):
+    """`write` (the kernel's `store_int8`, what every steady step runs) and `store` (torch's operators, a prompt's
+    rows) give the same numbers and scales: rows of all sizes, a row of zeros, one beyond fp16's range, ties."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(2, 1, 3, 4, 64, generator=generator) * torch.tensor([1e-3, 1.0, 50.0]).view(1, 1, 3, 1, 1)
+    rows[0, 0, 1, 2] = 0.0
+    rows[1, 0, 2, 3, 5] = 1e6
+    rows[1, 0, 0, 1] = torch.cat([torch.tensor([127.0]), torch.arange(63) - 30.5])  # scale 1, 63 ties
+    for part in range(3):  # a step's projection's views: batch rows apart, each row's heads side by side
+        x = rows[:, :, part].permute(0, 2, 1, 3)  # [b, h, 1, d]
+        cache, scales = torch.zeros(2, 4, 5, 64, dtype=torch.int8), torch.zeros(2, 4, 5)
+        int8_kv_cache.write(cache, scales, 3, x)
+        expected, expected_scales = torch.zeros_like(cache), torch.zeros_like(scales)
+        int8_kv_cache.store(expected.narrow(2, 3, 1), expected_scales.narrow(2, 3, 1), x)
+        assert torch.equal(cache, expected) and torch.equal(scales, expected_scales)
+    with pytest.raises(RuntimeError, match="at a position inside"):
+        int8_kv_cache.write(cache, scales, 5, x)
+
+
 def test_the_whole_layer_step_writes_the_rows_python_would(kernel):
     """The whole-layer step quantizes the new key and value in C++ (`store_int8`): the int8 numbers and scales of
     the rows its own products give, as `quantize` makes them, where nothing else is written."""

@@ -249,4 +249,14 @@ void store_int8(const float* x, int64_t x_batch, const at::Tensor& cache, const 
   }
 }
 
+void store_rows_int8(const at::Tensor& rows, const at::Tensor& cache, const at::Tensor& scales, int64_t at) {
+  check_cache(cache, scales, "store_int8: the cache");
+  TORCH_CHECK(cache.scalar_type() == at::kChar, "store_int8: an int8 cache");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 3 && rows.size(0) == cache.size(0) &&
+                  rows.size(1) == cache.size(1) && rows.size(2) == cache.size(3) && rows.stride(2) == 1 &&
+                  rows.stride(1) == rows.size(2) && 0 <= at && at < cache.size(2),
+              "store_int8: float rows [batch, heads, depth], each batch's heads side by side, at a position inside");
+  store_int8(rows.data_ptr<float>(), rows.stride(0), cache, scales, at);
+}
+
 }  // namespace musicgen

@@ -70,6 +70,10 @@ void store_half(const float* x, int64_t x_batch, const at::Tensor& cache, int64_
 // largest magnitude / 127, after the same saturation; 0 for a row of zeros), written into `scales` [B, H, N].
 void store_int8(const float* x, int64_t x_batch, const at::Tensor& cache, const at::Tensor& scales, int64_t at);
 
+// The same from Python: `rows` float [B, H, D], each batch row's heads side by side (a step's projected keys or
+// values), into position `at` of an int8 cache and its scales.
+void store_rows_int8(const at::Tensor& rows, const at::Tensor& cache, const at::Tensor& scales, int64_t at);
+
 // Checks a [B, H, N, D] cache (half, or int8 with `scales`) for the kernels above; `what` names it in the error.
 void check_cache(const at::Tensor& cache, const c10::optional<at::Tensor>& scales, const char* what);
 

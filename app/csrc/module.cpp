@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &musicgen::attend, "one query's attention over fp16 keys and values, or int8 ones with scales",
         pybind11::arg("query"), pybind11::arg("keys"), pybind11::arg("values"),
         pybind11::arg("key_scales") = pybind11::none(), pybind11::arg("value_scales") = pybind11::none());
+  m.def("store_int8", &musicgen::store_rows_int8, "a step's keys or values into an int8 cache and its scales");
   pybind11::class_<musicgen::Layer>(m, "Layer")
       .def(pybind11::init<int64_t, const std::string&, musicgen::Layer::Norm, musicgen::Layer::Product,
                           musicgen::Layer::Product, c10::optional<musicgen::Layer::Norm>,
