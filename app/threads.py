@@ -10,9 +10,11 @@ collapse as soon as another process takes a core (a 1 s clip: 6x the quiet time,
 threads that sleep instead (OMP_WAIT_POLICY=PASSIVE) were slower than 1 thread quiet. Hence the default,
 `CpuThreads(0)`: every core while no other process uses them, one thread while one does. After each step of a
 generation on several threads, and between its layers, it reads the time this process's threads waited for a core
-(schedstat): steps whose threads spent a quarter of their time waiting (over 0.25 s at least) end the generation on
-one thread. The next generation then looks first (the other processes' CPU time on these cores over 50 ms,
-/proc/stat), and takes every core again once they are free. A generation on a GPU gets one CPU thread (as before
+(schedstat): steps whose threads spent a quarter of their time waiting (over 0.25 s at least) go on on one thread.
+On one thread it reads the other processes' CPU time on these cores (/proc/stat) once a window, and takes every core
+back in the first window where they used less than a quarter of them: a quiet 30 s clip that a moment's burst had
+dropped to one thread ran the rest of its ~30 s 1.3x slower before. The next generation looks first (that reading
+over 50 ms) where the last one ended shared. A generation on a GPU gets one CPU thread (as before
 this policy: the CPU only feeds the GPU). A count (1, 2, ...) is always that.
 """
 
@@ -95,8 +97,10 @@ class CpuThreads:
         self.most = resolve(setting)
         self.threads = self.most
         self._clock, self._sleep, self._others_busy, self._waited = clock, sleep, others_busy, waited
-        self._stepped: tp.Tuple[float, tp.Optional[float]] = (0.0, None)
+        self._stepped: tp.Tuple[float, tp.Optional[float]] = (0.0, None)  # when waits were last read, and them
+        self._looked: tp.Tuple[float, tp.Optional[float]] = (0.0, None)  # when /proc/stat was last read, and it
         self._shared = False  # what the last generation found
+        self._on_cpu = True
 
     @property
     def shares(self) -> bool:
@@ -115,6 +119,7 @@ class CpuThreads:
         """Before a generation: every core, unless the last generation found the cores shared and other processes
         still use a share of them (a look of `LOOK_SECONDS`, paid only then). A generation on a GPU runs one CPU
         thread when sharing: the CPU only feeds the GPU there."""
+        self._on_cpu = on_cpu
         if self.shares and not on_cpu:
             self._set(1)
         elif self.shares:
@@ -122,28 +127,47 @@ class CpuThreads:
                 then, busy_then = self._clock(), self._others_busy()
                 self._sleep(LOOK_SECONDS)
                 now, busy = self._clock(), self._others_busy()
-                self._shared = (busy is None or busy_then is None
-                                or busy - busy_then > BUSY_SHARE * self.most * (now - then))
+                self._shared = self._busy(then, busy_then, now, busy)
+                self._looked = (now, busy)
             self._set(1 if self._shared else self.most)
             self._stepped = (self._clock(), self._waited())
         return self.threads
 
     def step(self) -> None:
-        """After a decoding step or between its layers: on several threads, steps whose threads waited a share of
-        their time for a core (over `WAIT_WINDOW_SECONDS` at least, so that one preemption is not a neighbour) end
-        this generation on one thread (spinning threads would collapse: a step can then take a second, hence the
-        look between layers too)."""
-        if not self.shares or self.threads == 1:
+        """After a decoding step or between its layers, once a `WAIT_WINDOW_SECONDS` window is over (so that one
+        preemption is not a neighbour; /proc is read once a window, not at every step): on several threads, steps
+        whose threads waited a share of their time for a core go on on one thread (spinning threads would collapse:
+        a step can then take a second, hence the look between layers too); on one thread, a window in which other
+        processes used less than their share of the cores (/proc/stat, as `begin` looks) takes every core back."""
+        if not self.shares or not self._on_cpu:
             return
-        now, (then, waited_then) = self._clock(), self._stepped
+        now = self._clock()
+        if self.threads == 1:
+            then, busy_then = self._looked
+            if now - then < WAIT_WINDOW_SECONDS:
+                return
+            busy = self._others_busy()
+            self._looked = (now, busy)
+            if not self._busy(then, busy_then, now, busy):
+                log.info("the cores are free again: every core for this generation")
+                self._shared = False
+                self._set(self.most)
+                self._stepped = (now, self._waited())
+            return
+        then, waited_then = self._stepped
         if now - then < WAIT_WINDOW_SECONDS:
-            return  # /proc is read once a window, not at every step
+            return
         waited = self._waited()
         self._stepped = (now, waited)
         if waited is None or waited_then is None or waited - waited_then > WAIT_SHARE * (now - then):
-            log.info("another process uses the cores: one torch thread for the rest of this generation")
+            log.info("another process uses the cores: one torch thread while it does")
             self._shared = True
             self._set(1)
+            self._looked = (now, self._others_busy())
+
+    def _busy(self, then: float, busy_then: tp.Optional[float], now: float, busy: tp.Optional[float]) -> bool:
+        """Whether other processes used more than their share of the cores between two readings (or they failed)."""
+        return busy is None or busy_then is None or busy - busy_then > BUSY_SHARE * self.most * (now - then)
 
     def on_step(self, stage: str) -> None:
         """`step` after each LM step and before each of its layers, for a generation's `on_step(stage)`

@@ -127,9 +127,10 @@ def test_every_core_until_a_step_waits_for_one_then_one_thread_while_other_proce
     policy.step()
     assert len(reads) == 1  # once the window is over
     assert policy.threads == torch.get_num_threads() == 1
-    r.now, r.waited = r.now + 0.030, r.waited + 0.030
-    policy.step()  # one thread for the rest of this generation: nothing to measure there
-    assert torch.get_num_threads() == 1
+    for _ in range(20):  # 0.6 s on one thread while the neighbour holds the cores (2 of them, less this thread's)
+        r.now, r.busy, r.waited = r.now + 0.030, r.busy + 1.0 * 0.030, r.waited + 0.001
+        policy.step()
+    assert len(reads) == 1 and torch.get_num_threads() == 1  # on one thread the waits are not read
     # Later generations look first, for LOOK_SECONDS, while the cores were found shared.
     start = r.now
     assert policy.begin() == 1 and r.now == start + threads.LOOK_SECONDS
@@ -139,6 +140,35 @@ def test_every_core_until_a_step_waits_for_one_then_one_thread_while_other_proce
     assert policy.begin() == 2 and torch.get_num_threads() == 2
     start = r.now
     assert policy.begin() == 2 and r.now == start  # quiet: no look
+
+
+def test_a_generation_dropped_to_one_thread_takes_every_core_back_once_the_others_leave(two_cores):
+    """A moment's burst (a kernel thread, this host's agent) must not cost the rest of a 30 s generation."""
+    r = Readings()
+    policy = r.policy(0)
+    policy.apply()
+    assert policy.begin() == 2
+    r.now, r.busy, r.waited = r.now + 0.3, r.busy + 0.3, r.waited + 0.2  # a burst: waits, and another's CPU time
+    policy.step()
+    assert torch.get_num_threads() == 1
+    r.now, r.busy = r.now + 0.1, r.busy + 0.1  # the burst goes on, inside the window: not read yet
+    policy.step()
+    r.now, r.busy = r.now + 0.2, r.busy + 0.2  # over the window: the others used half a core, a quarter of two
+    policy.step()
+    assert torch.get_num_threads() == 1
+    r.now, r.busy = r.now + 0.25, r.busy + 0.05  # a tenth of a core: free again
+    policy.step()
+    assert policy.threads == torch.get_num_threads() == 2
+    r.now, r.waited = r.now + 0.1, r.waited + 0.0  # and the waits are judged afresh from there
+    policy.step()
+    assert torch.get_num_threads() == 2
+    r.now, r.waited = r.now + 0.2, r.waited + 0.2
+    policy.step()
+    assert torch.get_num_threads() == 1
+    r.neighbours = 1.0
+    assert policy.begin() == 1  # the next generation looks first, as before: a neighbour on a core ...
+    r.neighbours = 0.0
+    assert policy.begin() == 2  # ... gone
 
 
 def test_a_generation_on_a_gpu_runs_one_cpu_thread_without_looking(two_cores):
@@ -182,6 +212,8 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
         r.now += 0.13
         if len(model.seen) % 6 == 2:  # during each job's second step (6 entries a job)
             r.waited += 0.13
+        if len(model.seen) % 6 >= 2:  # from then on to the job's end it holds both cores
+            r.busy += 2 * 0.13
 
     service = GenerationService(lambda: model, cpu_threads=r.policy(0)).start()
     try:
@@ -196,8 +228,8 @@ def test_the_service_follows_the_policy_step_by_step(two_cores):
     finally:
         service.stop()
     # The first generation starts on both cores; its second step waited all its time for a core (half of the two
-    # steps' 0.26 s), so the rest of it (steps 3-4 and the decoding) runs on one thread. The second looks first,
-    # finds the cores free (the stand-in neighbour used no CPU time) and starts on both again.
+    # steps' 0.26 s), so the rest of it (steps 3-4 and the decoding) runs on one thread while the neighbour holds the
+    # cores. The second looks first, finds them free (the neighbour left with the job) and starts on both again.
     one_job = [("generation", 2), ("lm", 2), ("lm", 1), ("lm", 1), ("lm", 1), ("decode", 1)]
     assert model.seen == one_job * 2
 
@@ -214,8 +246,8 @@ def test_a_real_model_looks_before_each_layer_so_a_collapsing_step_drops_to_one_
     seen = []
 
     def on_step(stage):
-        if stage == "layer":  # a neighbour arrived: each layer takes 0.2 s, all of it waiting for a core
-            r.now, r.waited = r.now + 0.2, r.waited + 0.2
+        if stage == "layer":  # a neighbour arrived on both cores: each layer takes 0.2 s, all of it waiting for one
+            r.now, r.waited, r.busy = r.now + 0.2, r.waited + 0.2, r.busy + 2 * 0.2
         policy.on_step(stage)
         seen.append((stage, torch.get_num_threads()))
 
