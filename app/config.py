@@ -105,9 +105,9 @@ class Settings:
     # layer's decoding step is one C++ call (app/lean_step.py's whole-layer step); either setting at 0 turns it off.
     half_kv_cache: bool = True
     # MUSICGEN_INT8_KV_CACHE: where that cache is in fp16, keep it in int8 instead, a scale per key and per value
-    # (app/int8_kv_cache.py, read by the same kernel): half its bytes again, 1.09x / 1.14x per step at 750 / 1400
-    # steps of context on two cores, on a par at short ones; next-token distributions a little further from the fp32
-    # cache's than fp16's (KL 0.0066 against 0.0063 on peaked ones in the benchmark). 0: the fp16 cache.
+    # (app/int8_kv_cache.py, read by the same kernel): half its bytes again, 1.08-1.09x / 1.13-1.14x per step at
+    # 750 / 1400 steps of context on two cores, on a par at short ones; next-token distributions a little further
+    # from the fp32 cache's than fp16's (KL 0.0066 against 0.0063 on peaked ones in the benchmark). 0: the fp16 cache.
     int8_kv_cache: bool = True
 
     def __post_init__(self) -> None:
