@@ -265,9 +265,9 @@ def _static_forward(self: StreamingMultiheadAttention, query: torch.Tensor, key:
             arena = getattr(self, "static_arena", None) or huge_pages.Arena(expected=_caches_per_layer(self))
         shape = list(k.shape)
         shape[time_dim] = capacity
-        shapes = (shape, shape) + ((shape[:-1],) * 2 if int8 else ())  # int8's: torch's layout, [b, h, t]
-        for name, buffer_shape in zip(names, shapes, strict=True):
-            buffer_dtype = dtype if name in ("static_k", "static_v") else torch.float32
+        # Keys and values, then an int8 cache's scales (fp32, torch's layout: [b, h, t]).
+        specs = [(shape, dtype)] * 2 + [(shape[:-1], torch.float32)] * (len(names) - 2)
+        for name, (buffer_shape, buffer_dtype) in zip(names, specs, strict=True):
             buffer = (arena.empty(buffer_shape, buffer_dtype) if arena is not None
                       else k.new_empty(buffer_shape, dtype=buffer_dtype))
             if length:

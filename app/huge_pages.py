@@ -59,9 +59,9 @@ class Arena:
     `torch.empty`.
     """
 
-    def __init__(self, expected: float = 1):
+    def __init__(self, expected: float = 1, size: int = 0):
         self.expected = max(1.0, expected)
-        self.mapping: tp.Optional[torch.Tensor] = None
+        self.mapping: tp.Optional[torch.Tensor] = _mapping(size) if size else None  # `size` bytes: mapped now
         self.used = 0
 
     def empty(self, shape: tp.Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -81,9 +81,7 @@ def gather(tensors: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
     where huge pages cannot be asked for."""
     if not tensors:
         return []
-    arena = Arena()
-    total = sum(_round_up(t.numel() * t.element_size(), ALIGN) for t in tensors)
-    arena.mapping, arena.used = _mapping(total), 0
+    arena = Arena(size=sum(_round_up(t.numel() * t.element_size(), ALIGN) for t in tensors))
     if arena.mapping is None:
         return list(tensors)
     return [arena.empty(t.shape, t.dtype).copy_(t) for t in tensors]

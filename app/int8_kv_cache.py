@@ -44,9 +44,7 @@ def write(cache: torch.Tensor, scales: torch.Tensor, at: int, x: torch.Tensor) -
     """Write one step's rows `x` [b, h, 1, d] (each batch row's heads side by side, as a step projects them) into
     position `at` of an int8 cache and its scales, with the kernel's own `store_int8` (one call: `store`'s torch
     operators, ~10 a write, cost the Python lean step ~10 % of a step)."""
-    module = half_attention.load()
-    assert module is not None, "the int8 cache is only installed where the kernel loads"
-    module.store_int8(x.squeeze(2), cache, scales, at)
+    _kernels().store_int8(x.squeeze(2), cache, scales, at)
 
 
 def dequantize(cache: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -58,6 +56,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, k_scales: torch.Tensor, v: torch.Te
            v_scales: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for one query per head: q float [b, h, 1, d], k and v int8 [b, h, n, d] with their
     scales [b, h, n]."""
-    module = half_attention.load()
+    return _kernels().attend(q, k, v, k_scales, v_scales)
+
+
+def _kernels() -> tp.Any:
+    module = half_attention.load()  # the same extension, loaded (and its fallback logged) once
     assert module is not None, "the int8 cache is only installed where the kernel loads"
-    return module.attend(q, k, v, k_scales, v_scales)
+    return module
