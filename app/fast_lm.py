@@ -36,7 +36,7 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention, _get_att
 from einops import rearrange
 from torch.nn import functional as F
 
-from . import half_attention, huge_pages, int8_kernel
+from . import half_attention, huge_pages, int8_kernel, lean_lm
 from . import int8_kv_cache as int8_cache
 from . import lean_step as lean
 from .pair_attention import shared as pair_attention_helper
@@ -368,7 +368,7 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
             packed_weights: bool = False, int8_weights: bool = False, lean_step: bool = True,
             pair_attention: bool = False, own_int8_kernel: bool = True,
             half_kv_cache: bool = False, whole_layer: bool = True, in_huge_pages: bool = True,
-            int8_kv_cache: bool = False) -> tp.Dict[str, int]:
+            int8_kv_cache: bool = False, whole_lm: bool = True) -> tp.Dict[str, int]:
     """Replace attention forwards on this LM instance, and with `packed_weights` pack (on CPU) the weights
     that decoding reads at every step, as int8 with `int8_weights` (where `can_quantize`; on this service's own
     kernel where `own_int8_kernel` and it loads, app/int8_kernel.py, else on fbgemm's); with both caches,
@@ -377,13 +377,14 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
     cache in fp16 with `half_kv_cache` where app/half_attention.py's kernel loads and fits (in int8 with a scale a
     row there with `int8_kv_cache` too, app/int8_kv_cache.py: `half_kv_cache` counts both), and, with
     `whole_layer`, the lean step of layers on both of this service's kernels (int8 products, fp16 or int8 cache) in one
-    C++ call (`lean_step`'s whole-layer step, within float rounding of its Python one). With `in_huge_pages`
-    the weights of this service's int8 kernel, and on a CPU the static caches, are placed in huge pages
+    C++ call (`lean_step`'s whole-layer step, within float rounding of its Python one), and with `whole_lm` the LM's
+    whole step in one where all its layers take that one (app/lean_lm.py; `whole_lm` counts the LM). With
+    `in_huge_pages` the weights of this service's int8 kernel, and on a CPU the static caches, are placed in huge pages
     (app/huge_pages.py; `huge_pages` counts the weights moved there; the same numbers). Returns how
     many modules each change reached. A packed LM can only decode in streaming mode (what `generate` does), and
     cannot be copied or moved to another device."""
     counts = {"cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
-              "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
+              "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "whole_lm": 0, "huge_pages": 0}
     int8_weights = int8_weights and can_quantize()
     packed_weights = packed_weights or int8_weights  # int8 weights are packed for their kernels by nature
     pack: Packer = functools.partial(Int8Linear, own_kernel=own_int8_kernel) if int8_weights else PackedLinear
@@ -418,6 +419,7 @@ def install(lm: LMModel, cross_kv_cache: bool = True, static_kv_cache: bool = Fa
         # After packing: the plan binds the products as they end up.
         counts["lean_step"] = lean.install(lm, pair_attention_helper() if pair_attention else None, whole_layer)
         counts["pair_attention"], counts["whole_layer"] = lean.paired(lm), lean.whole(lm)
+        counts["whole_lm"] = lean_lm.install(lm) if whole_lm else 0
     if counts["packed_weights"]:
         return_freed_memory()
     return counts

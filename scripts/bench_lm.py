@@ -15,7 +15,7 @@ import typing as tp
 import torch
 from audiocraft.models.lm import LMModel
 
-from app import debug_models, fast_lm, precision
+from app import debug_models, fast_lm, lean_lm, precision
 from app.config import Settings
 from app.model import Speedups
 from scripts.bench_threads import hogs
@@ -28,6 +28,9 @@ DEFAULT = "int8-dynamic + cross-KV + static KV"  # the service's CPU default whe
 # The default with its lean step in Python instead of one C++ call per layer (app/lean_step.py's whole-layer step):
 # the other variants below run that Python step too (the whole-layer step needs both of the service's kernels).
 DEFAULT_PYTHON_LAYER = DEFAULT + ", lean step in Python"
+# The default with its layers' C++ steps called one by one under audiocraft's LM and transformer instead of the LM's
+# whole step in one call (app/lean_lm.py).
+DEFAULT_LAYERS_UNDER_AUDIOCRAFT = DEFAULT + ", layers' steps under audiocraft's LM"
 # The default with its int8 weights and key/value caches in 4 kB pages instead of 2 MB ones (app/huge_pages.py).
 DEFAULT_SMALL_PAGES = DEFAULT + ", 4 kB pages"
 # The default with its int8 products on fbgemm's kernels instead of app/int8_kernel.py's (MUSICGEN_INT8_KERNEL=0).
@@ -71,6 +74,7 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
     fast_lm.install(bf16_fast, cross_kv_cache=True, static_kv_cache=True)
     int8 = _int8_default(stock, PAIR_ATTENTION)
     int8_python_layer = _int8_default(stock, PAIR_ATTENTION, whole_layer=False)
+    int8_layers = _int8_default(stock, PAIR_ATTENTION, whole_lm=False)
     int8_small_pages = _int8_default(stock, PAIR_ATTENTION, in_huge_pages=False)
     int8_fbgemm = _int8_default(stock, PAIR_ATTENTION, own_kernel=False)
     int8_fp16_cache = _int8_default(stock, PAIR_ATTENTION, int8_kv_cache=False)
@@ -87,19 +91,20 @@ def audiocraft_variants(head_scale: float = 1.0) -> tp.Dict[str, LMModel]:
             FP32_PACKED: fp32_packed,
             "bf16-autocast + cross-KV + static KV": autocast,
             "bf16 (stock attention)": bf16, "bf16 + cross-KV + static KV": bf16_fast, BF16_DEFAULT: bf16_packed,
-            DEFAULT: int8, DEFAULT_PYTHON_LAYER: int8_python_layer, DEFAULT_SMALL_PAGES: int8_small_pages,
+            DEFAULT: int8, DEFAULT_LAYERS_UNDER_AUDIOCRAFT: int8_layers, DEFAULT_PYTHON_LAYER: int8_python_layer,
+            DEFAULT_SMALL_PAGES: int8_small_pages,
             DEFAULT_FBGEMM: int8_fbgemm, DEFAULT_FP16_CACHE: int8_fp16_cache,
             DEFAULT_FP32_CACHE: int8_fp32_cache, DEFAULT_STOCK_LAYER: int8_stock_layer}
 
 
 def _int8_default(stock: LMModel, pair_attention: bool, own_kernel: bool = True,
                   half_kv_cache: bool = HALF_KV_CACHE, whole_layer: bool = True, in_huge_pages: bool = True,
-                  int8_kv_cache: bool = INT8_KV_CACHE) -> LMModel:
+                  int8_kv_cache: bool = INT8_KV_CACHE, whole_lm: bool = True) -> LMModel:
     int8 = copy.deepcopy(stock)
     precision.apply(int8, "int8-dynamic", "cpu")
     fast_lm.install(int8, cross_kv_cache=True, static_kv_cache=True, int8_weights=True, pair_attention=pair_attention,
                     own_int8_kernel=own_kernel, half_kv_cache=half_kv_cache, whole_layer=whole_layer,
-                    in_huge_pages=in_huge_pages, int8_kv_cache=int8_kv_cache)
+                    in_huge_pages=in_huge_pages, int8_kv_cache=int8_kv_cache, whole_lm=whole_lm)
     return int8
 
 
@@ -231,7 +236,8 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
-                                                DEFAULT_PYTHON_LAYER, DEFAULT_SMALL_PAGES, DEFAULT_FBGEMM,
+                                                DEFAULT_LAYERS_UNDER_AUDIOCRAFT, DEFAULT_PYTHON_LAYER,
+                                                DEFAULT_SMALL_PAGES, DEFAULT_FBGEMM,
                                                 DEFAULT_FP16_CACHE, DEFAULT_FP32_CACHE, DEFAULT_STOCK_LAYER)}
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
@@ -242,24 +248,28 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
         one_core = _int8_default(variants[STOCK], pair_attention=False, half_kv_cache=False)
         out["pair_attention"] = pair_attention_comparison(variants[DEFAULT_FP32_CACHE], one_core, cond)
     if INT8_KV_CACHE:
-        out["int8_cache"] = cache_comparison(variants[DEFAULT], variants[DEFAULT_FP16_CACHE], cond)
+        out["int8_cache"] = threads_comparison(variants[DEFAULT], variants[DEFAULT_FP16_CACHE], DEFAULT_FP16_CACHE,
+                                               cond)
+    if lean_lm.installed(variants[DEFAULT]):
+        out["whole_lm"] = threads_comparison(variants[DEFAULT], variants[DEFAULT_LAYERS_UNDER_AUDIOCRAFT],
+                                             DEFAULT_LAYERS_UNDER_AUDIOCRAFT, cond)
     return out
 
 
-def cache_comparison(int8: LMModel, fp16: LMModel, cond: tp.Dict[str, tp.Any],
-                     contexts: tp.Sequence[int] = (250, 750, 1400), steps: int = 40) -> tp.Dict[str, tp.Any]:
-    """The default (int8 key/value cache) and the fp16 cache stepping in turn at each context (paired per step),
-    on this run's threads and on every core (a whole clip's threads where nothing else runs): median ms/step and the
-    median of the fp16 cache's time / the int8 cache's."""
-    out: tp.Dict[str, tp.Any] = {"steps": steps, "fp16": DEFAULT_FP16_CACHE}
+def threads_comparison(default: LMModel, other: LMModel, other_name: str, cond: tp.Dict[str, tp.Any],
+                       contexts: tp.Sequence[int] = (250, 750, 1400), steps: int = 40) -> tp.Dict[str, tp.Any]:
+    """The default and `other` (the variant `other_name`) stepping in turn at each context (paired per step), on this
+    run's threads and on every core (a whole clip's threads where nothing else runs): median ms/step and the median
+    of `other`'s time / the default's."""
+    out: tp.Dict[str, tp.Any] = {"steps": steps, "other": other_name}
     threads = torch.get_num_threads()
     for count in sorted({threads, len(os.sched_getaffinity(0))}):
         torch.set_num_threads(count)
         try:
             out[f"{count}_threads"] = {}
             for context in contexts:
-                medians, ratio = _interleaved({"int8": int8, "fp16": fp16}, cond, context, steps)
-                out[f"{count}_threads"][context] = {**medians, "fp16_over_int8": ratio}
+                medians, ratio = _interleaved({"default": default, "other": other}, cond, context, steps)
+                out[f"{count}_threads"][context] = {**medians, "other_over_default": ratio}
         finally:
             torch.set_num_threads(threads)
     return out

@@ -113,17 +113,13 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                [[context, phase.replace("_", " "), v["pair_ms"], v["one_core_ms"], v["one_core_over_pair"]]
                 for phase in ("quiet", "with_hogs") for context, v in pair[phase].items()]),
         ""]
-    cache = probe.get("int8_cache")
-    int8_cache = [] if cache is None else [
-        f"The default's self-attention cache in int8 (app/int8_kv_cache.py) and in fp16 (\"{cache['fp16']}\"), "
-        f"stepping in turn (which goes first alternates), {cache['steps']} steps at each context, on this run's "
-        "threads and on every core (a whole clip's threads where nothing else runs); the last column is the median "
-        "over steps of the fp16 cache's time / the int8 cache's:",
-        "",
-        _table(["context", "threads", "int8 ms/step", "fp16 ms/step", "fp16 / int8"],
-               [[context, key.split("_")[0], v["int8_ms"], v["fp16_ms"], v["fp16_over_int8"]]
-                for key in sorted(k for k in cache if k.endswith("_threads")) for context, v in cache[key].items()]),
-        ""]
+    int8_cache = _threads_comparison(
+        probe.get("int8_cache"), "The default's self-attention cache in int8 (app/int8_kv_cache.py) and in fp16",
+        "the fp16 cache's time / the int8 cache's", ["int8 ms/step", "fp16 ms/step", "fp16 / int8"])
+    whole_lm = _threads_comparison(
+        probe.get("whole_lm"), "The default's LM step in one call (app/lean_lm.py) and its layers' steps called one "
+        "by one under audiocraft's LM", "the layers' time / the whole step's",
+        ["whole step ms/step", "layers ms/step", "layers / whole"])
     return [
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
@@ -132,6 +128,7 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                 for name, v in probe["variants"].items()]),
         "",
         *int8_cache,
+        *whole_lm,
         *split,
         "## LM seconds per second of audio, musicgen-small size, 1 to 60 s (extrapolated; plot, left)",
         "",
@@ -142,6 +139,22 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
                 for name, curve in r["decode_costs"]["seconds_per_audio_second"].items()]),
         "",
     ]
+
+
+def _threads_comparison(c: tp.Optional[tp.Dict[str, tp.Any]], what: str, ratio: str,
+                        columns: tp.List[str]) -> tp.List[str]:
+    """A `threads_comparison` (scripts/bench_lm.py) as a paragraph and a table."""
+    if c is None:
+        return []
+    return [
+        f"{what} (\"{c['other']}\"), stepping in turn (which goes first alternates), {c['steps']} steps at each "
+        "context, on this run's threads and on every core (a whole clip's threads where nothing else runs); the last "
+        f"column is the median over steps of {ratio}:",
+        "",
+        _table(["context", "threads", *columns],
+               [[context, key.split("_")[0], v["default_ms"], v["other_ms"], v["other_over_default"]]
+                for key in sorted(k for k in c if k.endswith("_threads")) for context, v in c[key].items()]),
+        ""]
 
 
 def _service_parts(r: tp.Dict[str, tp.Any]) -> tp.List[str]:

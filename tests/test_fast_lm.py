@@ -75,11 +75,11 @@ def test_install_reports_what_it_reached_and_stock_is_untouched():
     layers = len(mg.lm.transformer.layers)
     assert fast_lm.install(fast.lm, cross_kv_cache=True, static_kv_cache=True) == {
         "cross_kv_cache": layers, "static_kv_cache": layers, "packed_weights": 0, "lean_step": layers,
-        "pair_attention": 0, "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
+        "pair_attention": 0, "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "whole_lm": 0, "huge_pages": 0}
     assert not any(hasattr(m, "cross_kv_computed") for m in mg.lm.modules())
     assert fast_lm.install(copy.deepcopy(mg).lm, cross_kv_cache=False) == {
         "cross_kv_cache": 0, "static_kv_cache": 0, "packed_weights": 0, "lean_step": 0, "pair_attention": 0,
-        "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "huge_pages": 0}
+        "half_kv_cache": 0, "int8_kv_cache": 0, "whole_layer": 0, "whole_lm": 0, "huge_pages": 0}
     # The debug model attends through audiocraft's einsum path, which the helper does not split.
     assert fast_lm.install(copy.deepcopy(mg).lm, True, True, pair_attention=True)["pair_attention"] == 0
 
@@ -230,6 +230,6 @@ def test_server_runs_the_default_speedups(idle_server):
                        and huge_pages._mapping(1) is not None) else 0
     assert (f"LM precision {expected}, decoding speed-ups {{'cross_kv_cache': {layers}, 'static_kv_cache': {layers}, "
             f"'packed_weights': {packed}, 'lean_step': {layers}, 'pair_attention': 0, 'half_kv_cache': 0, "
-            f"'int8_kv_cache': 0, 'whole_layer': 0, 'huge_pages': {moved}}}") in idle_server.output()
+            f"'int8_kv_cache': 0, 'whole_layer': 0, 'whole_lm': 0, 'huge_pages': {moved}}}") in idle_server.output()
     # The debug model attends through audiocraft's einsum path, with heads of 4 floats: neither the pair's split nor
     # the fp16 cache takes it.

@@ -34,12 +34,14 @@ class Counted:
 
 def int8_default(stock, whole_layer: bool = True, activation: tp.Any = None, **install: tp.Any):
     """A copy of `stock` (a MusicGen) as the CPU default builds it but with the fp16 cache (`int8_kv_cache=True`:
-    the default's int8 one): int8 products on this service's kernel."""
+    the default's int8 one) and the layers' steps under audiocraft's LM (app/lean_lm.py's whole step off, so that
+    the layers' steps are called from Python, as these tests count them): int8 products on this service's kernel."""
     mg = copy.deepcopy(stock)
     if activation is not None:
         for layer in mg.lm.transformer.layers:
             layer.activation = activation
     precision.apply(mg.lm, "int8-dynamic", "cpu")
+    install = {"whole_lm": False, **install}
     counts = fast_lm.install(mg.lm, True, True, int8_weights=True, half_kv_cache=True, whole_layer=whole_layer,
                              **install)
     return mg, counts
@@ -215,5 +217,5 @@ def test_the_default_server_decodes_musicgen_small_on_it(kernels):
             last = list(events(response))[-1]
         assert last["event"] == "completed", last
         moved = 6 * layers + 4 if huge_pages._mapping(1) is not None else 0  # + the 4 output heads
-        assert (f"'half_kv_cache': {layers}, 'int8_kv_cache': {layers}, 'whole_layer': {layers}, "
+        assert (f"'half_kv_cache': {layers}, 'int8_kv_cache': {layers}, 'whole_layer': {layers}, 'whole_lm': 1, "
                 f"'huge_pages': {moved}}}") in server.output()

@@ -4,6 +4,7 @@
 // attention.cpp:   one query's attention over an fp16 or int8 (or fp32) key/value cache (app/half_attention.py,
 //                  app/int8_kv_cache.py).
 // lean_layer.cpp:  a whole transformer layer's decoding step on those two (app/lean_step.py).
+// lean_lm.cpp:     the whole LM's decoding step on those layers (app/lean_lm.py).
 //
 // Every file is compiled with AVX512 (F, BW, VL, DQ), VNNI and F16C enabled; the loader checks the CPU first.
 
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace musicgen {
 
@@ -98,6 +100,8 @@ class Layer {
                   const c10::optional<at::Tensor>& cross_keys, const c10::optional<at::Tensor>& cross_values,
                   const c10::optional<at::Tensor>& key_scales, const c10::optional<at::Tensor>& value_scales) const;
 
+  int64_t dim() const;
+
  private:
   int64_t heads_;
   bool gelu_;
@@ -105,6 +109,44 @@ class Layer {
   Product self_in_, self_out_, linear1_, linear2_;
   c10::optional<Norm> norm_cross_;
   c10::optional<Product> cross_in_, cross_out_;
+};
+
+// The pieces of a step on raw rows that `Layer` and `LM` share (lean_layer.cpp).
+// A layer norm over each of `rows` rows of d floats (d a multiple of 16) into y.
+void layer_norm(const float* x, int64_t rows, int64_t d, const Layer::Norm& norm, float* y);
+// y = x W^T + bias (+ residual, which may be y itself), on `rows` rows of k floats.
+void product(const Layer::Product& p, const float* x, int64_t rows, int64_t k, float* y,
+             const float* residual = nullptr);
+// A product's outputs (N).
+int64_t outputs(const Layer::Product& p);
+// Whether a norm's weight and bias (where it has them) are `dim` contiguous floats.
+bool norm_fits(const Layer::Norm& norm, int64_t dim);
+
+// An LM's decoding step for one new token of every codebook (audiocraft's LMModel.forward in streaming mode, as
+// app/lean_lm.py runs it): the codebooks' embeddings summed, the sinusoidal position added, every layer's step
+// (`Layer`), the output norm and each codebook's output product, in one call.
+class LM {
+ public:
+  // embeddings: float [card + 1, dim], one per codebook; periods: float [dim / 2], what the position is divided by
+  // for each phase (audiocraft's max_period ** (i / (dim / 2 - 1)), computed by torch); heads: one per codebook.
+  LM(std::vector<at::Tensor> embeddings, at::Tensor periods, double positional_scale, std::vector<Layer> layers,
+     c10::optional<Layer::Norm> out_norm, std::vector<Layer::Product> heads);
+
+  // tokens: long [B, K, 1]; position: the new token's, from the start of the sequence; `length` keys cached in every
+  // layer before it; one cache of each kind per layer, as `Layer::step` takes them. Returns float [B, K, 1, card].
+  at::Tensor step(const at::Tensor& tokens, int64_t position, int64_t length, const std::vector<at::Tensor>& keys,
+                  const std::vector<at::Tensor>& values, const std::vector<c10::optional<at::Tensor>>& cross_keys,
+                  const std::vector<c10::optional<at::Tensor>>& cross_values,
+                  const std::vector<c10::optional<at::Tensor>>& key_scales,
+                  const std::vector<c10::optional<at::Tensor>>& value_scales) const;
+
+ private:
+  std::vector<at::Tensor> embeddings_;
+  at::Tensor periods_;
+  float positional_scale_;
+  std::vector<Layer> layers_;
+  c10::optional<Layer::Norm> out_norm_;
+  std::vector<Layer::Product> heads_;
 };
 
 }  // namespace musicgen

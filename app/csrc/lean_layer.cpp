@@ -39,7 +39,8 @@ float squared_deviations(const float* x, int64_t d, float mean) {
   return _mm512_reduce_add_ps(total);
 }
 
-// rows x d floats -> rows x d floats, normalized over each row (d a multiple of 16).
+}  // namespace
+
 void layer_norm(const float* x, int64_t rows, int64_t d, const Layer::Norm& norm, float* y) {
   const auto& [weight, bias, eps] = norm;
   const float* w = weight.has_value() ? weight->data_ptr<float>() : nullptr;
@@ -60,17 +61,15 @@ void layer_norm(const float* x, int64_t rows, int64_t d, const Layer::Norm& norm
   }
 }
 
-// y = x W^T + bias (+ residual, which may be y itself), on `rows` rows.
 void product(const Layer::Product& p, const float* x, int64_t rows, int64_t k, float* y,
-             const float* residual = nullptr) {
+             const float* residual) {
   const auto& [packed, scale, sums, bias] = p;
   linear_rows(x, rows, k, packed, scale, sums, bias.has_value() ? bias->data_ptr<float>() : nullptr, residual, y);
 }
 
 int64_t outputs(const Layer::Product& p) { return std::get<1>(p).size(0); }
 
-// A norm's weight and bias (where it has them): `dim` contiguous floats.
-bool fits(const Layer::Norm& norm, int64_t dim) {
+bool norm_fits(const Layer::Norm& norm, int64_t dim) {
   for (const auto& part : {std::get<0>(norm), std::get<1>(norm)}) {
     if (part.has_value() && (part->scalar_type() != at::kFloat || part->numel() != dim || !part->is_contiguous())) {
       return false;
@@ -78,8 +77,6 @@ bool fits(const Layer::Norm& norm, int64_t dim) {
   }
   return true;
 }
-
-}  // namespace
 
 Layer::Layer(int64_t heads, const std::string& activation, Norm norm1, Product self_in, Product self_out,
              c10::optional<Norm> norm_cross, c10::optional<Product> cross_in, c10::optional<Product> cross_out,
@@ -95,9 +92,11 @@ Layer::Layer(int64_t heads, const std::string& activation, Norm norm1, Product s
   TORCH_CHECK(dim % kLanes == 0 && dim % heads == 0 && (dim / heads) % kLanes == 0 && dim / heads <= 256 &&
                   outputs(self_in_) == 3 * dim && outputs(linear2_) == dim &&
                   (!cross_in_ || (outputs(*cross_in_) == dim && outputs(*cross_out_) == dim)) &&
-                  fits(norm1_, dim) && fits(norm2_, dim) && (!norm_cross_ || fits(*norm_cross_, dim)),
+                  norm_fits(norm1_, dim) && norm_fits(norm2_, dim) && (!norm_cross_ || norm_fits(*norm_cross_, dim)),
               "Layer: shapes");
 }
+
+int64_t Layer::dim() const { return outputs(self_out_); }
 
 at::Tensor Layer::step(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values, int64_t length,
                        const c10::optional<at::Tensor>& cross_keys, const c10::optional<at::Tensor>& cross_values,
