@@ -93,7 +93,7 @@ def _parts(lm: LMModel) -> tp.Optional[tp.Tuple[tp.Any, ...]]:
         return None
     out_norm = None if norm is None else (norm.weight, norm.bias, norm.eps)
     # audiocraft's create_sin_embedding divides each position by these, made by torch as it makes them.
-    half = transformer.layers[0].self_attn.embed_dim // 2
+    half = lm.dim // 2
     exponents = torch.arange(half, dtype=torch.float32) / (half - 1)
     periods = torch.full([], transformer.max_period, dtype=torch.float32) ** exponents
     return ([weight.contiguous() for weight in embeddings], periods, float(transformer.positional_scale), out_norm,

@@ -102,7 +102,7 @@ def main() -> None:
     section("contention", lambda: contention(rounds=1 if quick else 3))  # processes of their own: run while small
     section("lm_steps", lambda: lm_step_comparison(steps=12 if quick else 100))
     section("peaked_drift", lambda: peaked_drift(steps=8 if quick else 40, head_scale=8.0))
-    section("long_context", lambda: long_context_probe(context=96 if quick else 600, steps=3 if quick else 5))
+    section("long_context", lambda: long_context_probe(context=96 if quick else 600, steps=4 if quick else 12))
     results["decode_costs"] = decode_costs(results["lm_steps"], results["long_context"])
     section("decoder", lambda: decoder_precisions(seconds=2 if quick else 10))
     section("real_codec_clips", lambda: clips_apart([2] if quick else [10, 30], {}, 1 if quick else 3))

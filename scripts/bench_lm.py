@@ -232,7 +232,8 @@ def lm_step_comparison(steps: int) -> tp.Dict[str, tp.Any]:
 
 def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     """Prefill `context` steps at once (what a window past 30 s does with its prompt), then time single steps
-    there: the per-step cost grows with the context (attention; stock also copies its KV cache each step)."""
+    there, round-robin: the per-step cost grows with the context (attention; stock also copies its KV cache each
+    step)."""
     variants = audiocraft_variants()
     chosen = {name: variants[name] for name in (STOCK, "fp32 + cross-KV + static KV", FP32_PACKED,
                                                 "bf16 + cross-KV + static KV", BF16_DEFAULT, DEFAULT,
@@ -242,8 +243,8 @@ def long_context_probe(context: int, steps: int) -> tp.Dict[str, tp.Any]:
     cond = conditions(variants[STOCK])
     torch.manual_seed(1)
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps))
-    at_context = {name: _at_context(lm, cond, tokens, context) for name, lm in chosen.items()}
-    out: tp.Dict[str, tp.Any] = {"context": context, "variants": at_context}
+    out: tp.Dict[str, tp.Any] = {"context": context, "steps": steps,
+                                 "variants": _at_context(chosen, cond, tokens, context)}
     if PAIR_ATTENTION:
         one_core = _int8_default(variants[STOCK], pair_attention=False, half_kv_cache=False)
         out["pair_attention"] = pair_attention_comparison(variants[DEFAULT_FP32_CACHE], one_core, cond)
@@ -295,43 +296,46 @@ def _interleaved(lms: tp.Dict[str, LMModel], cond: tp.Dict[str, tp.Any], context
     median ms/step, and the median over steps of the second's time / the first's."""
     tokens = torch.randint(0, debug_models.SMALL_LM["card"], (2, 4, context + steps),
                            generator=torch.Generator().manual_seed(context))
-    times: tp.Dict[str, tp.List[float]] = {name: [] for name in lms}
-    with torch.inference_mode(), contextlib.ExitStack() as stack:
-        for lm in lms.values():
-            for module in lm.modules():
-                if hasattr(module, "static_capacity"):
-                    module.static_capacity = context + steps
-            stack.enter_context(lm.streaming())
-            lm(tokens[..., :context], [], condition_tensors=cond)
-        for i in range(context, context + steps):
-            for name, lm in list(lms.items())[::1 if i % 2 else -1]:
-                t = time.perf_counter()
-                lm(tokens[..., i: i + 1], [], condition_tensors=cond)
-                times[name].append(time.perf_counter() - t)
+    _, times = _stepped(lms, cond, tokens, context, alternate=True)
     first, second = times.values()
     ratios = [b / a for a, b in zip(first, second, strict=True)]
     return ({f"{name}_ms": round(1000 * statistics.median(ts), 1) for name, ts in times.items()},
             round(statistics.median(ratios), 3))
 
 
-def _at_context(lm: LMModel, cond: tp.Dict[str, tp.Any], tokens: torch.Tensor, context: int) -> tp.Dict[str, float]:
-    """Prefill `context` tokens, then time single steps there (median)."""
+def _at_context(lms: tp.Dict[str, LMModel], cond: tp.Dict[str, tp.Any], tokens: torch.Tensor,
+                context: int) -> tp.Dict[str, tp.Dict[str, float]]:
+    """Each LM's prefill time a token and median step at `context`, stepping round-robin, past the first steps,
+    which warm the new caches."""
+    prefill, times = _stepped(lms, cond, tokens, context)
+    skip = min(2, (tokens.shape[-1] - context) // 4)
+    return {name: {"prefill_ms_per_token": round(1000 * prefill[name] / context, 2),
+                   "ms_per_step_at_context": round(1000 * statistics.median(times[name][skip:]), 1)} for name in lms}
+
+
+def _stepped(lms: tp.Dict[str, LMModel], cond: tp.Dict[str, tp.Any], tokens: torch.Tensor, context: int,
+             alternate: bool = False) -> tp.Tuple[tp.Dict[str, float], tp.Dict[str, tp.List[float]]]:
+    """Prefill the first `context` tokens into each LM, then the rest one step at a time, round-robin (step i of
+    every LM, then step i + 1; with `alternate`, in reverse order every other step): each one's prefill time and
+    step times, in seconds."""
     steps = tokens.shape[-1] - context
-    with torch.inference_mode():
-        for module in lm.modules():
-            if hasattr(module, "static_capacity"):
-                module.static_capacity = context + steps
-        with lm.streaming():
+    prefill: tp.Dict[str, float] = {}
+    times: tp.Dict[str, tp.List[float]] = {name: [] for name in lms}
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for name, lm in lms.items():
+            for module in lm.modules():
+                if hasattr(module, "static_capacity"):
+                    module.static_capacity = context + steps
+            stack.enter_context(lm.streaming())
             t = time.perf_counter()
             lm(tokens[..., :context], [], condition_tensors=cond)
-            prefill = time.perf_counter() - t
-            ts = []
-            for i in range(context, context + steps):
+            prefill[name] = time.perf_counter() - t
+        for i in range(context, context + steps):
+            for name, lm in list(lms.items())[::-1 if alternate and i % 2 == 0 else 1]:
                 t = time.perf_counter()
                 lm(tokens[..., i: i + 1], [], condition_tensors=cond)
-                ts.append(time.perf_counter() - t)
-    return {"prefill_ms_per_token": round(1000 * prefill / context, 2),
-            "ms_per_step_at_context": round(1000 * statistics.median(ts), 1)}
+                times[name].append(time.perf_counter() - t)
+    return prefill, times
 
 
 def decode_costs(lm_steps: tp.Dict[str, tp.Any], probe: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:

@@ -123,6 +123,9 @@ def _long_context_part(r: tp.Dict[str, tp.Any]) -> tp.List[str]:
     return [
         f"## Long context: prefill {probe['context']} steps, then single steps there",
         "",
+        f"Every variant prefilled, then {probe.get('steps', '-')} single steps of each in turn (step i of every "
+        "variant, then step i + 1); the median step past the first two, which warm the new caches.",
+        "",
         _table(["variant", "prefill ms/token", f"ms/step at {probe['context']}"],
                [[name, v["prefill_ms_per_token"], v["ms_per_step_at_context"]]
                 for name, v in probe["variants"].items()]),

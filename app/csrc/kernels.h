@@ -100,7 +100,7 @@ class Layer {
                   const c10::optional<at::Tensor>& cross_keys, const c10::optional<at::Tensor>& cross_values,
                   const c10::optional<at::Tensor>& key_scales, const c10::optional<at::Tensor>& value_scales) const;
 
-  int64_t dim() const;
+  int64_t dim() const;  // the layer's width: its input's and output's last dimension
 
  private:
   int64_t heads_;
