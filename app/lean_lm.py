@@ -11,8 +11,10 @@ Anything else (a prompt or first step, a stage, a conditioning summed into the i
 runs LMModel.forward, which app/fast_lm.py and app/lean_step.py cover.
 
 Logits agree with the layers' steps under audiocraft's LM within float rounding (the sinusoid's cos and sin are the
-C library's, not torch's). Hooks on the LM's submodules do not run on that step (the LM's own do). The call leaves
-the interpreter to the server's other threads while it runs.
+C library's, not torch's). The layers' forward pre-hooks run before each layer, as audiocraft's forward runs them
+(app/model.py's, where the threads policy looks between layers); a layer with any other hook takes audiocraft's
+forward; hooks on the embeddings, the transformer, the output norm and heads do not run on that step (the LM's own
+do). The call leaves the interpreter to the server's other threads while it runs, and takes it back for each pre-hook.
 """
 
 import functools
@@ -21,6 +23,7 @@ import typing as tp
 
 import torch
 from audiocraft.models.lm import LMModel
+from torch.nn.modules import module as module_hooks
 
 from .kernel_build import build
 
@@ -109,7 +112,7 @@ def _forward(self: LMModel, sequence: torch.Tensor, conditions: tp.List[tp.Any],
     transformer, fuser = self.transformer._streaming_state, self.fuser._streaming_state
     position = int(transformer["offsets"][0])
     logits = plan.step.step(sequence, position, caches.length, caches.keys, caches.values, caches.cross_keys,
-                            caches.cross_values, caches.key_scales, caches.value_scales)
+                            caches.cross_values, caches.key_scales, caches.value_scales, _pre_hooks(self))
     for state in caches.states:
         state["static_length"] = caches.length + 1
     transformer["offsets"] = transformer["offsets"] + 1
@@ -125,7 +128,7 @@ def _steady(lm: LMModel, plan: _Plan, sequence: torch.Tensor, conditions: tp.Lis
     None."""
     if (conditions or condition_tensors is None or stage >= 0 or lm.training or not lm._is_streaming
             or sequence.dim() != 3 or sequence.shape[-1] != 1 or "offsets" not in lm.fuser._streaming_state
-            or "offsets" not in lm.transformer._streaming_state):
+            or "offsets" not in lm.transformer._streaming_state or not _plain_hooks_only(lm)):
         return None
     cross_src = _cross_source(lm.fuser, condition_tensors)
     length = plan.attentions[0][0]._streaming_state.get("static_length")
@@ -151,6 +154,32 @@ def _steady(lm: LMModel, plan: _Plan, sequence: torch.Tensor, conditions: tp.Lis
         caches.cross_keys.append(cross_state["cross_k"])
         caches.cross_values.append(cross_state["cross_v"])
     return caches
+
+
+def _plain_hooks_only(lm: LMModel) -> bool:
+    """Whether the layers' hooks are forward pre-hooks called with the input alone (what `_pre_hooks` runs), and no
+    global module hook is registered."""
+    if module_hooks._global_forward_pre_hooks or module_hooks._global_forward_hooks:
+        return False
+    return not any(layer._forward_hooks or layer._forward_pre_hooks_with_kwargs for layer in lm.transformer.layers)
+
+
+def _pre_hooks(lm: LMModel) -> tp.Optional[tp.Callable[[int, torch.Tensor], tp.Optional[torch.Tensor]]]:
+    """The extension's `before_layer`: layer `index`'s forward pre-hooks on its input `x`, as a module call runs
+    them (an input one returns goes on to the next and to the layer); None where no layer has one."""
+    layers = lm.transformer.layers
+    if not any(layer._forward_pre_hooks for layer in layers):
+        return None
+
+    def before_layer(index: int, x: torch.Tensor) -> tp.Optional[torch.Tensor]:
+        layer, given = layers[index], x
+        for hook in tuple(layer._forward_pre_hooks.values()):
+            result = hook(layer, (x,))
+            if result is not None:
+                x = result[0] if isinstance(result, tuple) else result
+        return None if x is given else x
+
+    return before_layer
 
 
 def _cross_source(fuser: torch.nn.Module, condition_tensors: tp.Dict[str, tp.Any]) -> tp.Optional[torch.Tensor]:

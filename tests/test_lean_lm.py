@@ -150,6 +150,71 @@ def test_a_prompt_takes_audiocrafts_forward(kernels):
     assert torch.allclose(logits[0][1], logits[1][1], atol=1e-3 * float(logits[1][1].abs().max()))
 
 
+def stepped_with_hooks(mg, pre_hook: tp.Any = None, hook: tp.Any = None, steps: int = 6) -> torch.Tensor:
+    """The logits of `steps` single steps with `pre_hook` (and `hook`, a forward hook) on every layer."""
+    lm = mg.lm
+    handles = [layer.register_forward_pre_hook(pre_hook) for layer in lm.transformer.layers if pre_hook]
+    handles += [layer.register_forward_hook(hook) for layer in lm.transformer.layers if hook]
+    tokens = torch.randint(0, lm.card, (2, lm.num_codebooks, steps), generator=torch.Generator().manual_seed(3))
+    try:
+        with torch.inference_mode(), lm.streaming():
+            for m in lm.modules():
+                if hasattr(m, "static_capacity"):
+                    m.static_capacity = steps
+            cond = conditions(lm)
+            return torch.cat([lm(tokens[..., i: i + 1], [], condition_tensors=cond) for i in range(steps)], dim=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_the_layers_pre_hooks_run_before_each_layer_with_its_input(kernels):
+    """app/model.py's threads policy looks between the layers through their forward pre-hooks: the whole step runs
+    them before each layer's step, with the layer's input, and takes an input one returns, as a module call does."""
+    stock = musicgen(SMALL)
+    (whole, _), (layers, _) = (int8_default(stock, flag) for flag in (True, False))
+    step = counted(whole)
+    seen: tp.Dict[str, tp.List[tp.Tuple[int, tp.Tuple[int, ...]]]] = {"whole": [], "layers": []}
+
+    def recorder(name: str) -> tp.Any:
+        def pre_hook(layer: torch.nn.Module, args: tp.Tuple[torch.Tensor, ...]) -> None:
+            seen[name].append((id(layer), tuple(args[0].shape)))
+        return pre_hook
+
+    got, expected = (stepped_with_hooks(mg, recorder(name)) for mg, name in ((whole, "whole"), (layers, "layers")))
+    assert step.calls == 5
+    order = [[layer_id for layer_id, _ in seen[name]] for name in seen]
+    depth = len(stock.lm.transformer.layers)
+    assert [order[0][i] for i in range(depth)] == [id(layer) for layer in whole.lm.transformer.layers]
+    assert len(order[0]) == len(order[1]) == 6 * depth
+    assert {shape for _, shape in seen["whole"][depth:]} == {(2, 1, stock.lm.dim)}
+    assert torch.allclose(got, expected, atol=1e-3 * float(expected.abs().max()))
+
+    def silenced(layer: torch.nn.Module, args: tp.Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return args[0] * 0.5  # an input a pre-hook returns goes to the layer
+
+    got, expected = (stepped_with_hooks(mg, silenced) for mg in (whole, layers))
+    assert step.calls == 10
+    assert torch.allclose(got, expected, atol=1e-3 * float(expected.abs().max()))
+    assert not torch.allclose(got, stepped_with_hooks(layers), atol=1e-3 * float(expected.abs().max()))
+
+
+def test_a_layer_with_a_forward_hook_takes_audiocrafts_forward(kernels):
+    stock = musicgen(SMALL)
+    (whole, _), (layers, _) = (int8_default(stock, flag) for flag in (True, False))
+    step = counted(whole)
+    calls = []
+
+    def hook(layer: torch.nn.Module, args: tp.Any, output: torch.Tensor) -> None:
+        calls.append(layer)
+
+    got, expected = (stepped_with_hooks(mg, hook=hook) for mg in (whole, layers))
+    assert step.calls == 0 and len(calls) == 2 * 6 * len(stock.lm.transformer.layers)
+    assert torch.equal(got, expected)
+    stepped_with_hooks(whole)
+    assert step.calls == 5  # the hook removed, the whole step again
+
+
 def test_only_an_lm_whose_layers_all_take_the_whole_layer_step_takes_it(kernels):
     stock = musicgen(SMALL)
     assert int8_default(stock)[1]["whole_lm"] == 1

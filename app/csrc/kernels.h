@@ -14,6 +14,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -132,13 +133,17 @@ class LM {
   LM(std::vector<at::Tensor> embeddings, at::Tensor periods, double positional_scale, std::vector<Layer> layers,
      c10::optional<Layer::Norm> out_norm, std::vector<Layer::Product> heads);
 
+  // Called, where given, before each layer with its index and input; what it returns (if anything) is the input.
+  using BeforeLayer = std::function<c10::optional<at::Tensor>(int64_t, const at::Tensor&)>;
+
   // tokens: long [B, K, 1]; position: the new token's, from the start of the sequence; `length` keys cached in every
   // layer before it; one cache of each kind per layer, as `Layer::step` takes them. Returns float [B, K, 1, card].
   at::Tensor step(const at::Tensor& tokens, int64_t position, int64_t length, const std::vector<at::Tensor>& keys,
                   const std::vector<at::Tensor>& values, const std::vector<c10::optional<at::Tensor>>& cross_keys,
                   const std::vector<c10::optional<at::Tensor>>& cross_values,
                   const std::vector<c10::optional<at::Tensor>>& key_scales,
-                  const std::vector<c10::optional<at::Tensor>>& value_scales) const;
+                  const std::vector<c10::optional<at::Tensor>>& value_scales,
+                  const BeforeLayer& before_layer = nullptr) const;
 
  private:
   std::vector<at::Tensor> embeddings_;

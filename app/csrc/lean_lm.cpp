@@ -4,7 +4,8 @@
 // StreamingTransformer around the layers: four embedding look-ups and their sum, the sinusoidal position made from
 // scratch (arange, pow, cos, sin, cat), a module call and a few checks for each of the 24 layers, the output norm
 // and the four output products stacked: ~1-1.5 ms of a ~15 ms step on two cores at musicgen-small's size. Here all
-// of it runs on raw rows between the layers' calls, without the interpreter's lock (module.cpp releases it).
+// of it runs on raw rows between the layers' calls, without the interpreter's lock (module.cpp releases it; a
+// `before_layer` given, the layers' pre-hooks from app/lean_lm.py, takes it back for each call).
 
 #include "kernels.h"
 
@@ -40,7 +41,8 @@ at::Tensor LM::step(const at::Tensor& tokens, int64_t position, int64_t length, 
                     const std::vector<at::Tensor>& values, const std::vector<c10::optional<at::Tensor>>& cross_keys,
                     const std::vector<c10::optional<at::Tensor>>& cross_values,
                     const std::vector<c10::optional<at::Tensor>>& key_scales,
-                    const std::vector<c10::optional<at::Tensor>>& value_scales) const {
+                    const std::vector<c10::optional<at::Tensor>>& value_scales,
+                    const BeforeLayer& before_layer) const {
   const int64_t codebooks = static_cast<int64_t>(embeddings_.size()), dim = layers_.front().dim();
   const size_t depth = layers_.size();
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 3 && tokens.size(1) == codebooks &&
@@ -78,6 +80,10 @@ at::Tensor LM::step(const at::Tensor& tokens, int64_t position, int64_t length, 
   }
 
   for (size_t l = 0; l < depth; ++l) {
+    if (before_layer) {
+      auto input = before_layer(static_cast<int64_t>(l), x);
+      if (input.has_value()) x = *input;
+    }
     x = layers_[l].step(x, keys[l], values[l], length, cross_keys[l], cross_values[l], key_scales[l],
                         value_scales[l]);
   }

@@ -5,6 +5,7 @@
 #include "kernels.h"
 
 #include <torch/python.h>
+#include <pybind11/functional.h>  // LM.step's before_layer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &musicgen::pack, "int8 [N, K] -> the int8 kernel's layout");
@@ -30,6 +31,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &musicgen::LM::step, "the LM's decoding step for one new token of every codebook",
            pybind11::arg("tokens"), pybind11::arg("position"), pybind11::arg("length"), pybind11::arg("keys"),
            pybind11::arg("values"), pybind11::arg("cross_keys"), pybind11::arg("cross_values"),
-           pybind11::arg("key_scales"), pybind11::arg("value_scales"),
+           pybind11::arg("key_scales"), pybind11::arg("value_scales"), pybind11::arg("before_layer") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }
