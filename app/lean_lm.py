@@ -27,7 +27,7 @@ from torch.nn.modules import module as module_hooks
 
 from .kernel_build import build
 
-__all__ = ["install"]
+__all__ = ["install", "installed"]
 
 
 class _Plan(tp.NamedTuple):
@@ -52,8 +52,9 @@ def install(lm: LMModel) -> int:
     """Give `lm` the whole step where every one of its layers runs lean_step's whole-layer step and its own parts
     fit the extension; returns 1 where it did, else 0."""
     plans = [getattr(layer, "lean_plan", None) for layer in lm.transformer.layers]
-    if not plans or any(plan is None or plan.whole is None for plan in plans):
-        return 0
+    if type(lm).forward is not LMModel.forward or not plans or any(plan is None or plan.whole is None
+                                                                  for plan in plans):
+        return 0  # a subclass's own forward (MAGNeT's LM, say) is not what the extension computes
     parts = _parts(lm)
     kernels = _kernels()
     if parts is None or kernels is None:
@@ -70,6 +71,7 @@ def install(lm: LMModel) -> int:
 
 
 def installed(lm: LMModel) -> bool:
+    """Whether `install` gave `lm` the whole step."""
     return getattr(lm, "lean_lm", None) is not None
 
 

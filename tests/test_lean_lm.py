@@ -16,23 +16,12 @@ from app import fast_lm, lean_lm, precision
 from tests.helpers import built_kernels
 from tests.test_fast_lm import SMALL, drift, greedy_tokens, musicgen, next_token_distributions, sharpened
 from tests.test_lean_step import conditions
-from tests.test_whole_layer import CACHES
+from tests.test_whole_layer import CACHES, Counted
 
 
 @pytest.fixture(scope="module")
 def kernels():
     return built_kernels("the layers' steps run under audiocraft's LM", lean_lm._kernels)
-
-
-class Counted:
-    """The LM's whole steps, counted."""
-
-    def __init__(self, step: tp.Any):
-        self.whole, self.calls = step, 0
-
-    def step(self, *args: tp.Any) -> torch.Tensor:
-        self.calls += 1
-        return self.whole.step(*args)
 
 
 def int8_default(stock, whole_lm: bool = True, **install: tp.Any):
@@ -197,6 +186,27 @@ def test_the_layers_pre_hooks_run_before_each_layer_with_its_input(kernels):
     assert step.calls == 10
     assert torch.allclose(got, expected, atol=1e-3 * float(expected.abs().max()))
     assert not torch.allclose(got, stepped_with_hooks(layers), atol=1e-3 * float(expected.abs().max()))
+
+
+def test_a_pre_hook_that_raises_stops_the_step_and_the_next_generation_works(kernels):
+    """What the service's cancellation relies on: an exception raised between layers (a pre-hook) comes out of the
+    whole step as itself, and the LM decodes again afterwards."""
+    mg, _ = int8_default(musicgen(SMALL))
+    step = counted(mg)
+    calls = []
+
+    class Stopped(Exception):
+        pass
+
+    def raising(layer: torch.nn.Module, args: tp.Tuple[torch.Tensor, ...]) -> None:
+        calls.append(layer)
+        if len(calls) == len(mg.lm.transformer.layers) + 2:  # inside the second step, the whole step's first
+            raise Stopped("stop")
+
+    with pytest.raises(Stopped, match="stop"):
+        stepped_with_hooks(mg, raising)
+    assert step.calls == 1
+    assert torch.isfinite(stepped_with_hooks(mg)).all() and step.calls == 6
 
 
 def test_a_layer_with_a_forward_hook_takes_audiocrafts_forward(kernels):

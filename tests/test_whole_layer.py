@@ -22,7 +22,7 @@ def kernels():
 
 
 class Counted:
-    """A layer's whole step, counted."""
+    """A whole step (a layer's, or the LM's: tests/test_lean_lm.py), counted."""
 
     def __init__(self, whole: tp.Any):
         self.whole, self.calls = whole, 0

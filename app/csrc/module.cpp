@@ -24,7 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("cross_values"), pybind11::arg("key_scales") = pybind11::none(),
            pybind11::arg("value_scales") = pybind11::none());
   // Its step runs for a whole decoding step (~15 ms at musicgen-small's size) on tensors alone: the server's other
-  // threads keep the interpreter meanwhile, as they do while torch's own operators run.
+  // threads keep the interpreter meanwhile, as they do while torch's own operators run (a `before_layer` takes it
+  // back for its own call, and what it raises comes out of the step).
   pybind11::class_<musicgen::LM>(m, "LM")
       .def(pybind11::init<std::vector<at::Tensor>, at::Tensor, double, std::vector<musicgen::Layer>,
                           c10::optional<musicgen::Layer::Norm>, std::vector<musicgen::Layer::Product>>())
